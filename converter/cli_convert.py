@@ -1,0 +1,2 @@
+"""CLI commands (in progress)."""
+COMMANDS: list = []
