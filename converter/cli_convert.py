@@ -1,2 +1,114 @@
-"""CLI commands (in progress)."""
-COMMANDS: list = []
+"""CLI commands ``convert`` (one model or a batch) and ``check`` (parity against Paddle)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from converter import convert as pipeline
+from converter import parity
+from converter.errors import OcrconvError
+
+
+def _echo_result(result: pipeline.ConvertResult) -> None:
+    for note in pipeline.iter_notes(result):
+        click.echo(f"note: {note}", err=True)
+    if result.parity:
+        click.echo(parity.ParityReport(result.parity).table())
+    if result.status == "up-to-date":
+        click.echo(f"{result.name}: up to date in {result.out}")
+    else:
+        click.echo(f"{result.name}: {result.artifact} artifact, family {result.family}, {result.form} form "
+                   f"-> {result.out} ({result.seconds:.1f} s)")
+
+
+@click.command("convert")
+@click.argument("target", required=False, metavar="NAME|PATH")
+@click.option("--artifact", type=click.Choice(["inference", "trained", "pretrained"]), default=None,
+              help="Which archive of a manifest row (default: inference when it exists).")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="Output directory (default ./<name>); the root folder for a batch.")
+@click.option("--family", default=None, help="Architecture family of a local PATH (default: from its name or weights).")
+@click.option("--dict", "dictionary", default=None,
+              help="Character dictionary for a rec model: a file or a vendored name (default: the manifest's).")
+@click.option("--reference", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Inference model to check a trained checkpoint against.")
+@click.option("--mirror", default=None, help="Base URL replacing the download host (or OCRCONV_MIRROR).")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None,
+              help="Download cache (or OCRCONV_CACHE; default ~/.cache/ocrconv).")
+@click.option("--offline", is_flag=True, help="Use the cache only, never the network.")
+@click.option("--train-form", is_flag=True, help="Keep re-parameterisable backbones (PP-OCRv4) in their training form.")
+@click.option("--check/--no-check", default=None,
+              help="Run the parity check against Paddle (default: on when PaddlePaddle is installed).")
+@click.option("--atol", type=float, default=None, help="Parity tolerance, absolute, on probabilities.")
+@click.option("--dtype", type=click.Choice(list(pipeline.DTYPES)), default="float32", help="dtype of the saved weights.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory (the old one stays until the new is complete).")
+@click.option("--all", "all_rows", is_flag=True, help="Batch: every manifest row.")
+@click.option("--names-from", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Batch: row names from a file, one per line.")
+@click.option("--task", type=click.Choice(["det", "rec", "cls"]), default=None, help="Batch: only rows of this task.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, help="Batch: parallel conversions.")
+@click.option("--keep-going", is_flag=True, help="Batch: continue after a failed row.")
+@click.option("--report", type=click.Path(path_type=Path), default=None,
+              help="Batch: write a JSON report here and a Markdown table next to it.")
+def convert_command(target, artifact, out, family, dictionary, reference, mirror, cache_dir, offline, train_form,
+                    check, atol, dtype, force, all_rows, names_from, task, jobs, keep_going, report):
+    """Convert NAME (a manifest row) or PATH (.tar, directory, .pdparams, inference prefix) to PyTorch.
+
+    Writes model.safetensors, config.json, dict.txt (rec) and parity.json (when checked) into the output
+    directory. With --all / --names-from it converts a batch into --out/<name>/.
+    """
+    batch = all_rows or names_from is not None
+    if batch == (target is not None):
+        raise click.UsageError("give either NAME|PATH or a batch (--all / --names-from)")
+    if check is None and not parity.paddle_available():
+        click.echo(f"note: PaddlePaddle is not installed, so parity is not checked (install: {parity.INSTALL_HINT})",
+                   err=True)
+    options = dict(artifact=artifact, mirror=mirror, cache_dir=cache_dir, offline=offline, train_form=train_form,
+                   check=check, dtype=dtype, force=force, atol=atol)
+    if not batch:
+        if task or jobs != 1 or keep_going or report:
+            raise click.UsageError("--task, --jobs, --keep-going and --report apply to a batch (--all / --names-from)")
+        result = pipeline.convert(target, out=out, family=family, dictionary=dictionary, reference=reference,
+                                  progress=lambda m: click.echo(f"... {m}", err=True), **options)
+        _echo_result(result)
+        if not result.ok:
+            raise OcrconvError(f"{result.name}: parity check failed (max abs diff {result.max_abs_diff:.3g}); "
+                               f"the output is in {result.out} with parity.json")
+        return
+    if family or dictionary or reference:
+        raise click.UsageError("--family, --dict and --reference apply to a single NAME|PATH")
+    names = pipeline.batch_names(all_rows=all_rows, names_from=names_from, task=task)
+    data = pipeline.convert_batch(names, out or Path.cwd(), jobs=jobs, keep_going=keep_going, report=report,
+                                  options=options)
+    for row in data["rows"]:
+        diff = row.get("max_abs_diff")
+        click.echo(f"{row['status']:>13}  {row['name']:<34} {'' if diff is None else f'max diff {diff:.3g}'}"
+                   + (f"  {row['error']}" if row.get("error") else ""))
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(data["counts"].items()))
+    click.echo(f"{data['rows_run']}/{data['rows_requested']} rows ({counts}) in {data['seconds']:.1f} s"
+               + (f"; report: {report} and {report.with_suffix('.md')}" if report else ""))
+    if data["failed"] or data["rows_run"] < data["rows_requested"]:
+        sys.exit(1)
+
+
+@click.command("check")
+@click.argument("target", metavar="NAME|DIR")
+@click.option("--reference", type=click.Path(exists=True, path_type=Path), default=None,
+              help="Paddle inference model to compare with (default: the one the output was converted from).")
+@click.option("--atol", type=float, default=None, help="Tolerance, absolute, on probabilities (default 1e-5).")
+@click.option("--mirror", default=None, help="Base URL replacing the download host (or OCRCONV_MIRROR).")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path), default=None, help="Download cache.")
+@click.option("--offline", is_flag=True, help="Use the cache only, never the network.")
+@click.option("--no-write", is_flag=True, help="Do not rewrite DIR/parity.json.")
+def check_command(target, reference, atol, mirror, cache_dir, offline, no_write):
+    """Compare a converted DIR (or NAME, converted in memory) with Paddle's own inference program."""
+    report = pipeline.check(target, reference=reference, atol=atol, mirror=mirror, cache_dir=cache_dir,
+                            offline=offline, write=not no_write)
+    click.echo(report.table())
+    if not report.passed:
+        sys.exit(1)
+
+
+COMMANDS = [convert_command, check_command]

@@ -58,3 +58,7 @@ class DictionaryError(OcrconvError):
 
 class ParityError(OcrconvError):
     """The parity check could not run (e.g. PaddlePaddle missing) or failed."""
+
+
+class OutputError(OcrconvError):
+    """An output cannot be written: it already exists (without --force) or the disk write failed."""

@@ -1,0 +1,1 @@
+"""Base architecture configs of every family (classic: developer C, v4: developer D)."""

@@ -1,0 +1,78 @@
+"""FPN necks of the DB detectors: DBFPN (v2.0 / PP-OCRv2) and RSEFPN (PP-OCRv3 / PP-OCRv4 mobile)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from architectures.layers import SEModule
+from architectures.necks import register
+
+
+def upsample(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """Nearest-neighbour upsampling by an integer factor (Paddle's F.upsample mode="nearest")."""
+    return F.interpolate(x, scale_factor=scale, mode="nearest")
+
+
+def fuse_top_down(ins: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Top-down FPN sums: [in2, in3, in4, in5] -> [out2, out3, out4, in5]."""
+    in2, in3, in4, in5 = ins
+    out4 = in4 + upsample(in5, 2)
+    out3 = in3 + upsample(out4, 2)
+    out2 = in2 + upsample(out3, 2)
+    return [out2, out3, out4, in5]
+
+
+def concat_pyramid(p2, p3, p4, p5) -> torch.Tensor:
+    """Upsample p5/p4/p3 to p2's size (x8, x4, x2) and concatenate as [p5, p4, p3, p2]."""
+    return torch.cat([upsample(p5, 8), upsample(p4, 4), upsample(p3, 2), p2], dim=1)
+
+
+@register("DBFPN")
+class DBFPN(nn.Module):
+    """DB FPN: 1x1 lateral convs to ``out_channels``, top-down sum, 3x3 convs to ``out_channels // 4``."""
+
+    def __init__(self, in_channels, out_channels, **_ignored):
+        super().__init__()
+        self.out_channels = out_channels
+        for i, name in enumerate(("in2_conv", "in3_conv", "in4_conv", "in5_conv")):
+            self.add_module(name, nn.Conv2d(in_channels[i], out_channels, 1, bias=False))
+        for name in ("p5_conv", "p4_conv", "p3_conv", "p2_conv"):
+            self.add_module(name, nn.Conv2d(out_channels, out_channels // 4, 3, padding=1, bias=False))
+
+    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
+        c2, c3, c4, c5 = x
+        out2, out3, out4, in5 = fuse_top_down([self.in2_conv(c2), self.in3_conv(c3), self.in4_conv(c4),
+                                               self.in5_conv(c5)])
+        return concat_pyramid(self.p2_conv(out2), self.p3_conv(out3), self.p4_conv(out4), self.p5_conv(in5))
+
+
+class RSELayer(nn.Module):
+    """Conv (no bias) followed by an SE block (hard sigmoid 0.2), optionally as a residual."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, shortcut=True):
+        super().__init__()
+        self.out_channels = out_channels
+        self.in_conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        self.se_block = SEModule(out_channels, slope=0.2, offset=0.5)
+        self.shortcut = shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.in_conv(x)
+        return x + self.se_block(x) if self.shortcut else self.se_block(x)
+
+
+@register("RSEFPN")
+class RSEFPN(nn.Module):
+    """Residual-SE FPN; ``shortcut=True`` is PaddleOCR's default (PP-OCRv3 and PP-OCRv4 det)."""
+
+    def __init__(self, in_channels, out_channels, shortcut=True, **_ignored):
+        super().__init__()
+        self.out_channels = out_channels
+        self.ins_conv = nn.ModuleList([RSELayer(c, out_channels, 1, shortcut) for c in in_channels])
+        self.inp_conv = nn.ModuleList([RSELayer(out_channels, out_channels // 4, 3, shortcut) for _ in in_channels])
+
+    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
+        out2, out3, out4, in5 = fuse_top_down([conv(c) for conv, c in zip(self.ins_conv, x)])
+        return concat_pyramid(self.inp_conv[0](out2), self.inp_conv[1](out3), self.inp_conv[2](out4),
+                              self.inp_conv[3](in5))

@@ -1,0 +1,101 @@
+"""LKPAN (large-kernel PAN) with optional IntraCL blocks: the neck of PP-OCRv4 server det.
+
+Module names follow PaddleOCR's structured names: ``ins_conv.N``, ``inp_conv.N``, ``pan_head_conv.N``,
+``pan_lat_conv.N`` (bias-free convs) and ``incl1`` ... ``incl4`` (IntraCLBlock, from PaddleOCR's
+``necks/intracl.py``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from architectures.layers import BN_EPS
+from architectures.necks import register
+
+
+class IntraCLBlock(nn.Module):
+    """Intra-instance collaborative learning block: 1x1 reduce, three cascaded square + vertical + horizontal
+    conv stages (7, 5, 3), 1x1 restore, BN, ReLU, residual."""
+
+    def __init__(self, in_channels: int = 96, reduce_factor: int = 4) -> None:
+        super().__init__()
+        mid = in_channels // reduce_factor
+        self.conv1x1_reduce_channel = nn.Conv2d(in_channels, mid, 1)
+        self.conv1x1_return_channel = nn.Conv2d(mid, in_channels, 1)
+        for k in (7, 5, 3):
+            setattr(self, f"v_layer_{k}x1", nn.Conv2d(mid, mid, (k, 1), padding=(k // 2, 0)))
+            setattr(self, f"q_layer_1x{k}", nn.Conv2d(mid, mid, (1, k), padding=(0, k // 2)))
+            setattr(self, f"c_layer_{k}x{k}", nn.Conv2d(mid, mid, (k, k), padding=(k // 2, k // 2)))
+        self.bn = nn.BatchNorm2d(in_channels, eps=BN_EPS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1x1_reduce_channel(x)
+        y = self.c_layer_7x7(y) + self.v_layer_7x1(y) + self.q_layer_1x7(y)
+        y = self.c_layer_5x5(y) + self.v_layer_5x1(y) + self.q_layer_1x5(y)
+        y = self.c_layer_3x3(y) + self.v_layer_3x1(y) + self.q_layer_1x3(y)
+        y = F.relu(self.bn(self.conv1x1_return_channel(y)))
+        return x + y
+
+
+@register()
+class LKPAN(nn.Module):
+    """FPN top-down path with 9x9 convs, then a bottom-up PAN path; outputs the 4 levels up-sampled to 1/4 and
+    concatenated (``out_channels`` channels). Only PaddleOCR's ``mode="large"`` (plain 9x9 convs) exists here."""
+
+    def __init__(self, in_channels, out_channels: int, mode: str = "large", intracl: bool = False) -> None:
+        super().__init__()
+        if mode.lower() != "large":
+            raise ValueError(f"LKPAN mode {mode!r} is not supported (only 'large', the mode PP-OCR models use)")
+        if len(in_channels) != 4:
+            raise ValueError(f"LKPAN needs 4 input feature maps, got in_channels={list(in_channels)}")
+        self.out_channels = out_channels
+        self.intracl = intracl
+        quarter = out_channels // 4
+        self.ins_conv = nn.ModuleList(nn.Conv2d(c, out_channels, 1, bias=False) for c in in_channels)
+        self.inp_conv = nn.ModuleList(nn.Conv2d(out_channels, quarter, 9, padding=4, bias=False)
+                                      for _ in in_channels)
+        self.pan_head_conv = nn.ModuleList(nn.Conv2d(quarter, quarter, 3, stride=2, padding=1, bias=False)
+                                           for _ in range(len(in_channels) - 1))
+        self.pan_lat_conv = nn.ModuleList(nn.Conv2d(quarter, quarter, 9, padding=4, bias=False)
+                                          for _ in in_channels)
+        if intracl:
+            self.incl1 = IntraCLBlock(quarter, reduce_factor=2)
+            self.incl2 = IntraCLBlock(quarter, reduce_factor=2)
+            self.incl3 = IntraCLBlock(quarter, reduce_factor=2)
+            self.incl4 = IntraCLBlock(quarter, reduce_factor=2)
+
+    def forward(self, features) -> torch.Tensor:
+        c2, c3, c4, c5 = features
+        in5 = self.ins_conv[3](c5)
+        in4 = self.ins_conv[2](c4)
+        in3 = self.ins_conv[1](c3)
+        in2 = self.ins_conv[0](c2)
+
+        out4 = in4 + F.interpolate(in5, scale_factor=2.0, mode="nearest")
+        out3 = in3 + F.interpolate(out4, scale_factor=2.0, mode="nearest")
+        out2 = in2 + F.interpolate(out3, scale_factor=2.0, mode="nearest")
+
+        f5 = self.inp_conv[3](in5)
+        f4 = self.inp_conv[2](out4)
+        f3 = self.inp_conv[1](out3)
+        f2 = self.inp_conv[0](out2)
+
+        pan3 = f3 + self.pan_head_conv[0](f2)
+        pan4 = f4 + self.pan_head_conv[1](pan3)
+        pan5 = f5 + self.pan_head_conv[2](pan4)
+
+        p2 = self.pan_lat_conv[0](f2)
+        p3 = self.pan_lat_conv[1](pan3)
+        p4 = self.pan_lat_conv[2](pan4)
+        p5 = self.pan_lat_conv[3](pan5)
+        if self.intracl:
+            p5 = self.incl4(p5)
+            p4 = self.incl3(p4)
+            p3 = self.incl2(p3)
+            p2 = self.incl1(p2)
+
+        p5 = F.interpolate(p5, scale_factor=8.0, mode="nearest")
+        p4 = F.interpolate(p4, scale_factor=4.0, mode="nearest")
+        p3 = F.interpolate(p3, scale_factor=2.0, mode="nearest")
+        return torch.cat([p5, p4, p3, p2], dim=1)

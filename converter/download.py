@@ -1,0 +1,367 @@
+"""Download and cache the manifest's archives.
+
+Cache layout (``OCRCONV_CACHE``, default ``~/.cache/ocrconv``)::
+
+    archives/<filename>          verified archives (``<filename>.part`` while downloading, ``.lock`` file locks)
+    index.json                   size + sha256 of every archive downloaded (trust on first use), written atomically
+    unpacked/<stem>/             extracted archives, ``unpacked/<stem>.json`` records what was extracted from which sha
+
+Downloads stream to ``<filename>.part`` and are renamed only when complete and verified; an interrupted download is
+resumed with an HTTP Range request (or restarted when the server ignores Range). Connection errors and 5xx answers
+are retried with exponential backoff. A mirror (``OCRCONV_MIRROR`` / ``mirror=``) serves the same paths as the real
+host. There are no upstream checksums: the index records what was downloaded first and later copies must match it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlparse
+
+import requests
+from filelock import FileLock
+
+from converter.errors import CorruptArchiveError, DownloadError, IntegrityError
+from converter.manifest import Artifact, ModelEntry, get_model
+from converter.unpack import find_model_dir, safe_extract
+
+log = logging.getLogger(__name__)
+
+RETRIES = 4  # extra attempts after the first one
+BACKOFF_S = 1.0  # first wait; doubles each retry (tests set this to ~0)
+TIMEOUT_S = (15.0, 60.0)  # connect, read
+CHUNK = 1 << 16
+_USER_AGENT = "ocrconv (+https://github.com/PaddlePaddle/PaddleOCR models)"
+
+
+class HTTPStatusError(DownloadError):
+    """The server answered with an HTTP error status (``status``) that retrying will not fix."""
+
+    def __init__(self, message: str, status: int, url: str):
+        super().__init__(message)
+        self.status = status
+        self.url = url
+
+
+def cache_root(path: str | Path | None = None) -> Path:
+    """The cache root: ``path``, else ``$OCRCONV_CACHE``, else ``~/.cache/ocrconv``."""
+    chosen = path or os.environ.get("OCRCONV_CACHE") or Path.home() / ".cache" / "ocrconv"
+    return Path(chosen).expanduser()
+
+
+def mirror_url(url: str, mirror: str | None = None) -> str:
+    """``url`` on the mirror (``mirror``, else ``$OCRCONV_MIRROR``): same path on another base URL."""
+    base = mirror if mirror is not None else os.environ.get("OCRCONV_MIRROR", "")
+    if not base:
+        return url
+    parsed = urlparse(url)
+    return base.rstrip("/") + parsed.path + (f"?{parsed.query}" if parsed.query else "")
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class CacheIndex:
+    """``index.json``: filename -> {url, size, sha256, ...}; every update is locked and atomic."""
+
+    def __init__(self, root: Path):
+        self.path = root / "index.json"
+        self._lock = FileLock(str(self.path) + ".lock")
+
+    def read(self) -> dict[str, dict]:
+        """The whole index (empty if none yet)."""
+        if not self.path.is_file():
+            return {}
+        try:
+            return json.loads(self.path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise IntegrityError(f"cache index {self.path} is not valid JSON ({exc}); delete it to start over") \
+                from exc
+
+    def get(self, filename: str) -> dict | None:
+        """The record of ``filename`` or None."""
+        return self.read().get(filename)
+
+    def remove(self, filename: str) -> None:
+        """Forget ``filename`` (its download turned out to be unusable)."""
+        with self._lock:
+            data = self.read()
+            if data.pop(filename, None) is not None:
+                _write_json_atomic(self.path, data)
+
+    def put(self, filename: str, record: dict) -> None:
+        """Add or replace the record of ``filename``."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            data = self.read()
+            data[filename] = record
+            _write_json_atomic(self.path, data)
+
+
+def _is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _progress(total: int | None, initial: int, desc: str, quiet: bool | None):
+    if quiet or (quiet is None and not _is_tty()):
+        return nullcontext(None)
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                file=sys.stderr, leave=False)
+
+
+def _total_from_response(response: requests.Response, offset: int) -> int | None:
+    if response.status_code == 206:
+        content_range = response.headers.get("Content-Range", "")
+        try:
+            span, total = content_range.split(" ", 1)[1].split("/")
+            start = int(span.split("-")[0])
+        except (IndexError, ValueError):
+            raise DownloadError(f"{response.url}: unreadable Content-Range {content_range!r}") from None
+        if start != offset:
+            raise DownloadError(f"{response.url}: asked for bytes from {offset}, got {content_range!r}")
+        return int(total) if total != "*" else None
+    length = response.headers.get("Content-Length")
+    return int(length) if length is not None else None
+
+
+def _fetch_once(session: requests.Session, url: str, part: Path, hasher, quiet: bool | None) -> int:
+    """One request: resume ``part`` if it has bytes, stream the rest into it. Returns the final size."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    with session.get(url, headers=headers, stream=True, timeout=TIMEOUT_S) as response:
+        if response.status_code == 416 and offset:
+            log.warning("%s: server refused to resume at byte %d; restarting", url, offset)
+            part.unlink()
+            return _fetch_once(session, url, part, hasher, quiet)
+        if response.status_code >= 400:
+            raise HTTPStatusError(f"HTTP {response.status_code} {response.reason} for {url}",
+                                  response.status_code, url)
+        if response.status_code == 200 and offset:
+            log.info("%s ignored the Range request; downloading the whole file again", url)
+            offset = 0
+        elif response.status_code == 206:
+            log.info("resuming %s at byte %d", url, offset)
+        elif response.status_code != 200:
+            raise DownloadError(f"unexpected HTTP {response.status_code} for {url}")
+        total = _total_from_response(response, offset)
+        mode = "ab" if offset else "wb"
+        if offset:  # the hash must cover the bytes already on disk
+            with open(part, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    hasher.update(chunk)
+        size = offset
+        with open(part, mode) as out, _progress(total, offset, part.name.removesuffix(".part"), quiet) as bar:
+            for chunk in response.iter_content(CHUNK):
+                out.write(chunk)
+                hasher.update(chunk)
+                size += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+    if total is not None and size != total:
+        raise requests.ConnectionError(f"{url}: connection ended at byte {size} of {total}")
+    return size
+
+
+def download_url(url: str, dest: str | Path, *, expected_sha256: str | None = None, quiet: bool | None = None,
+                 retries: int | None = None, backoff_s: float | None = None) -> tuple[int, str]:
+    """Download ``url`` to ``dest`` via ``dest.part`` (resumed if present); returns (size, sha256).
+
+    Retries connection errors and 5xx answers; raises HTTPStatusError on other HTTP errors, IntegrityError when
+    ``expected_sha256`` does not match (the partial file is removed). ``dest`` appears only when complete.
+    """
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    retries = RETRIES if retries is None else retries
+    backoff_s = BACKOFF_S if backoff_s is None else backoff_s
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    resumed_once = False
+    with requests.Session() as session:
+        attempt = 0
+        while True:
+            hasher = hashlib.sha256()
+            resumed = part.exists() and part.stat().st_size > 0
+            try:
+                size = _fetch_once(session, url, part, hasher, quiet)
+            except HTTPStatusError as exc:
+                if exc.status < 500 and exc.status != 429 or attempt >= retries:
+                    raise
+                reason = str(exc)
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                    requests.exceptions.ContentDecodingError) as exc:
+                if attempt >= retries:
+                    raise DownloadError(f"{url}: failed after {attempt + 1} attempts: {exc}") from exc
+                reason = f"{type(exc).__name__}: {exc}"
+            else:
+                digest = hasher.hexdigest()
+                if expected_sha256 and digest != expected_sha256.lower():
+                    part.unlink()
+                    if resumed and not resumed_once:  # the old partial may have come from another file version
+                        log.warning("%s: sha256 mismatch after resuming; downloading again from the start", url)
+                        resumed_once = True
+                        continue
+                    raise IntegrityError(f"{url}: sha256 {digest} does not match the expected {expected_sha256}")
+                os.replace(part, dest)
+                return size, digest
+            delay = backoff_s * 2**attempt
+            attempt += 1
+            log.warning("%s: %s; retry %d/%d in %.1fs", url, reason, attempt, retries, delay)
+            time.sleep(delay)
+
+
+def _verify_cached(path: Path, record: dict | None) -> bool:
+    if record is None or not path.is_file():
+        return False
+    if path.stat().st_size != record["size"]:
+        log.warning("%s: cached size %d differs from the recorded %d; downloading again",
+                    path, path.stat().st_size, record["size"])
+        return False
+    if sha256_file(path) != record["sha256"]:
+        log.warning("%s: cached file does not match its recorded sha256; downloading again", path)
+        return False
+    return True
+
+
+def fetch_archive(entry: ModelEntry, artifact: str = "inference", *, cache_dir: str | Path | None = None,
+                  mirror: str | None = None, offline: bool = False, quiet: bool | None = None,
+                  expected_sha256: str | None = None) -> Path:
+    """The verified archive of ``entry``'s ``artifact`` in the cache, downloaded if needed.
+
+    Tries the table URL, then the recorded alternatives (on 404 / 403 / 410). The first download is recorded in
+    the index (size, sha256); later downloads and cached copies must match it.
+    """
+    art: Artifact = entry.artifact(artifact)
+    root = cache_root(cache_dir)
+    path = root / "archives" / art.filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    index = CacheIndex(root)
+    with FileLock(str(path) + ".lock"):
+        record = index.get(art.filename)
+        if expected_sha256 and record and record["sha256"] != expected_sha256.lower():
+            raise IntegrityError(f"{entry.name} {artifact}: the cache index records sha256 {record['sha256']} for "
+                                 f"{art.filename}, not the expected {expected_sha256}")
+        if _verify_cached(path, record):
+            log.info("%s %s: using cached %s", entry.name, artifact, path)
+            return path
+        if offline:
+            state = "is damaged" if path.exists() else "is not in the cache"
+            raise DownloadError(f"offline: {entry.name} {artifact} archive {art.filename} {state} ({path}); "
+                                f"run without --offline to download {art.url}")
+        if path.exists():
+            path.unlink()
+        want = expected_sha256 or (record["sha256"] if record else None)
+        failures = []
+        for url in art.urls:
+            source = mirror_url(url, mirror)
+            if failures:
+                log.warning("%s %s: %s; trying the recorded alternative %s", entry.name, artifact, failures[-1],
+                            source)
+            try:
+                size, digest = download_url(source, path, expected_sha256=want, quiet=quiet)
+            except HTTPStatusError as exc:
+                if exc.status not in (403, 404, 410):
+                    raise DownloadError(f"{entry.name} {artifact}: {exc}") from exc
+                failures.append(f"HTTP {exc.status} for {source}")
+                continue
+            except IntegrityError as exc:
+                raise IntegrityError(f"{entry.name} {artifact}: {exc}. The cache index {index.path} recorded "
+                                     f"another file earlier; delete its entry '{art.filename}' to accept the new "
+                                     f"one") from exc
+            if url != art.url:
+                log.warning("%s %s: downloaded from the alternative URL %s", entry.name, artifact, source)
+            index.put(art.filename, {
+                "model": entry.name, "artifact": artifact, "url": url, "source": source, "size": size,
+                "sha256": digest, "downloaded": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            })
+            log.info("%s %s: downloaded %s (%d bytes, sha256 %s)", entry.name, artifact, path, size, digest)
+            return path
+        raise DownloadError(f"{entry.name} {artifact}: not found: " + "; ".join(failures))
+
+
+def _unpack_record_matches(marker: Path, target: Path, sha: str) -> bool:
+    if not marker.is_file() or not target.is_dir():
+        return False
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return False
+    if record.get("archive_sha256") != sha:
+        return False
+    return all((target / name).is_file() and (target / name).stat().st_size == size
+               for name, size in record.get("files", {}).items())
+
+
+def fetch_artifact(entry: ModelEntry | str, artifact: str = "inference", *, cache_dir: str | Path | None = None,
+                   mirror: str | None = None, offline: bool = False, quiet: bool | None = None,
+                   expected_sha256: str | None = None) -> Path:
+    """Download (or reuse) and unpack an archive; returns the directory holding its model files.
+
+    An unpacked directory is reused when it was extracted from the archive whose sha256 the index records and its
+    files are all there; otherwise it is extracted again. A corrupt archive is dropped from the cache.
+    ``entry`` may also be a name (table name, alias or archive stem).
+    """
+    if isinstance(entry, str):
+        entry = get_model(entry)
+    root = cache_root(cache_dir)
+    archive = fetch_archive(entry, artifact, cache_dir=root, mirror=mirror, offline=offline, quiet=quiet,
+                            expected_sha256=expected_sha256)
+    record = CacheIndex(root).get(archive.name)
+    if record is None:  # another process dropped it as corrupt in the meantime
+        raise DownloadError(f"{entry.name} {artifact}: {archive.name} left the cache index while in use; run again")
+    stem = archive.name.removesuffix(".tar")
+    target = root / "unpacked" / stem
+    marker = target.with_name(stem + ".json")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if _unpack_record_matches(marker, target, record["sha256"]):
+            log.info("%s %s: using unpacked %s", entry.name, artifact, target)
+            return find_model_dir(target)
+        if marker.exists():
+            marker.unlink()
+        try:
+            safe_extract(archive, target)
+        except CorruptArchiveError:
+            with FileLock(str(archive) + ".lock"):
+                archive.unlink(missing_ok=True)
+                CacheIndex(root).remove(archive.name)
+            log.warning("%s %s: removed the corrupt archive %s and its index record from the cache; the next "
+                        "download fetches it again", entry.name, artifact, archive)
+            raise
+        files = {str(p.relative_to(target)): p.stat().st_size for p in sorted(target.rglob("*")) if p.is_file()}
+        _write_json_atomic(marker, {"archive": archive.name, "archive_sha256": record["sha256"], "files": files})
+    return find_model_dir(target)
+

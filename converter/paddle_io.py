@@ -1,0 +1,609 @@
+"""Read PaddleOCR weight files into ``{name: numpy array}`` without PaddlePaddle.
+
+Formats:
+
+* trained checkpoints (``*.pdparams``; also ``*.pdopt`` and ``*.states``): pickles written by ``paddle.save``,
+  read with the restricted unpickler of :mod:`converter._pickle_safe`;
+* inference models (``inference.pdmodel`` + ``inference.pdiparams`` [+ ``.pdiparams.info``]): the program is
+  decoded by :mod:`converter._protobuf`; the ``.pdiparams`` stream holds one serialized DenseTensor per
+  persistable program variable, in sorted variable-name order;
+* either of them inside a ``.tar`` (read from the members, nothing extracted) or an unpacked directory.
+
+:func:`load` is the entry point. Arrays are read straight into preallocated numpy arrays (inference) or keep
+the pickle's bytes as their buffer (trained), so the peak memory stays close to the file size.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import posixpath
+import tarfile
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Callable, Iterable
+
+import numpy as np
+
+from converter import _protobuf as pb
+from converter._pickle_safe import BoundedReader, load_pickle
+from converter.errors import CorruptWeightsError, UnsupportedFormatError
+
+log = logging.getLogger(__name__)
+
+NAME_TABLE_KEY = "StructuredToParameterName@@"
+BIG_PARAM_KEY = "UnpackBigParamInfor@@"
+PICKLE_SUFFIXES = (".pdparams", ".pdopt", ".states")
+TRAINED_PREFERENCE = ("best_accuracy.pdparams", "student.pdparams")
+_SKIPPED_VAR_TYPES = {pb.FEED_MINIBATCH, pb.FETCH_LIST, 15}  # 15 = READER, as Paddle's is_persistable()
+_MAX_LOD_LEVELS = 16
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of a program variable (-1 marks a dynamic dimension)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class ProgramInfo:
+    """What ocrconv needs from an inference program: feeds/fetches (in ``col`` order), ops, parameters."""
+
+    feeds: list[TensorSpec]
+    fetches: list[TensorSpec]
+    ops: list[pb.OpDesc]
+    params: list[TensorSpec]
+    vars: dict[str, pb.VarDesc] = field(repr=False, default_factory=dict)
+    version: int | None = None
+
+    @property
+    def paddle_version(self) -> str | None:
+        """Paddle version that wrote the program, e.g. ``"2.6.2"`` (None when it recorded 0 / nothing)."""
+        if not self.version:
+            return None
+        major, rest = divmod(self.version, 1_000_000)
+        minor, patch = divmod(rest, 1_000)
+        return f"{major}.{minor}.{patch}"
+
+    def op_types(self) -> dict[str, int]:
+        """Operator type -> count."""
+        counts: dict[str, int] = {}
+        for op in self.ops:
+            counts[op.type] = counts.get(op.type, 0) + 1
+        return counts
+
+
+class PaddleWeights(dict):
+    """``{structured name: np.ndarray}`` read from Paddle files, with where it came from.
+
+    Attributes: ``kind`` ("trained" | "inference"), ``source`` (file, inference prefix or tar read),
+    ``sha256`` (of the main weight file), ``program`` (ProgramInfo or None), ``info_only`` (inference: .info
+    entries not in the program, structured name -> var name), ``param_names`` (structured name -> Paddle var
+    name), ``meta`` (format facts: file, candidates, pickle protocol, Paddle version hints, ...).
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], *, kind: str, source: Path, sha256: str,
+                 program: ProgramInfo | None = None, info_only: dict[str, str] | None = None,
+                 param_names: dict[str, str] | None = None, meta: dict | None = None):
+        super().__init__(arrays)
+        self.kind = kind
+        self.source = Path(source)
+        self.sha256 = sha256
+        self.program = program
+        self.info_only = dict(info_only or {})
+        self.param_names = dict(param_names or {})
+        self.meta = dict(meta or {})
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes of all arrays."""
+        return sum(a.nbytes for a in self.values())
+
+    def __repr__(self) -> str:
+        return (f"PaddleWeights(kind={self.kind!r}, source={str(self.source)!r}, tensors={len(self)}, "
+                f"bytes={self.nbytes})")
+
+
+# ----------------------------------------------------------------------------- file access
+
+
+class _Files:
+    """Uniform access to the files of a directory or the members of a tar (relative POSIX names)."""
+
+    def __init__(self, names: dict[str, Any], opener: Callable[[Any], IO[bytes]], sizer: Callable[[Any], int],
+                 root: Path, container: str | None):
+        self.names = names
+        self._opener = opener
+        self._sizer = sizer
+        self.root = root
+        self.container = container
+
+    def open(self, name: str) -> tuple[IO[bytes], int]:
+        """Open one file: ``(binary file object, size)``."""
+        handle = self.names[name]
+        return self._opener(handle), self._sizer(handle)
+
+    def read_bytes(self, name: str) -> bytes:
+        """The whole (small) file."""
+        fileobj, size = self.open(name)
+        with fileobj:
+            data = fileobj.read(size)
+        if len(data) != size:
+            raise CorruptWeightsError(f"{self.describe(name)}: truncated ({len(data)} of {size} bytes)")
+        return data
+
+    def describe(self, name: str) -> str:
+        """Human-readable location of ``name``."""
+        if self.container:
+            return f"{self.root}!{name}"
+        return str(self.root / name) if name else str(self.root)
+
+    def path(self, name: str) -> Path:
+        """Path attributed to ``name`` (the tar itself for a tar member)."""
+        return self.root if self.container else self.root / name
+
+
+def _ignored(name: str) -> bool:
+    parts = name.split("/")
+    return any(p.startswith("._") or p == "__MACOSX" for p in parts)
+
+
+def _dir_files(root: Path, max_depth: int = 4) -> _Files:
+    names: dict[str, Path] = {}
+    root_depth = len(root.parts)
+    for dirpath, dirnames, filenames in os.walk(root):
+        depth = len(Path(dirpath).parts) - root_depth
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX" and depth < max_depth)
+        for filename in sorted(filenames):
+            full = Path(dirpath) / filename
+            rel = full.relative_to(root).as_posix()
+            if not _ignored(rel) and full.is_file():
+                names[rel] = full
+    return _Files(names, lambda p: open(p, "rb"), lambda p: p.stat().st_size, root, None)
+
+
+def _tar_files(path: Path, stack: ExitStack) -> _Files:
+    try:
+        tar = stack.enter_context(tarfile.open(path, "r:*"))
+        members = tar.getmembers()
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise UnsupportedFormatError(f"{path}: not a readable tar archive: {exc}") from exc
+    names: dict[str, tarfile.TarInfo] = {}
+    for member in members:
+        name = posixpath.normpath(member.name.lstrip("/"))
+        if member.isreg() and not _ignored(name) and not name.startswith(".."):
+            names[name] = member
+
+    def opener(member: tarfile.TarInfo) -> IO[bytes]:
+        fileobj = tar.extractfile(member)
+        if fileobj is None:  # pragma: no cover - isreg() members always have data
+            raise UnsupportedFormatError(f"{path}!{member.name}: not a regular file")
+        return fileobj
+
+    return _Files(names, opener, lambda m: m.size, path, "tar")
+
+
+def _single_file(path: Path) -> _Files:
+    return _Files({path.name: path}, lambda p: open(p, "rb"), lambda p: p.stat().st_size, path.parent, None)
+
+
+# ----------------------------------------------------------------------------- choosing what to read
+
+
+def _looks_like_pickle(files: _Files, name: str) -> bool:
+    fileobj, size = files.open(name)
+    with fileobj:
+        head = fileobj.read(2)
+    return size > 2 and len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+
+
+@dataclass
+class _Choice:
+    kind: str  # "trained" | "inference"
+    name: str  # pickle file name, or inference prefix (name without .pdmodel)
+    candidates: list[str]
+    others: list[str]
+
+
+def _inference_prefixes(names: Iterable[str]) -> list[str]:
+    names = set(names)
+    return sorted(n[: -len(".pdmodel")] for n in names
+                  if n.endswith(".pdmodel") and n[: -len(".pdmodel")] + ".pdiparams" in names)
+
+
+def _choose(files: _Files, prefer: str | None, kind: str | None) -> _Choice:
+    names = sorted(files.names)
+    prefixes = _inference_prefixes(names)
+    pickles = [n for n in names if n.endswith(".pdparams")]
+    others = [n for n in names if n.endswith((".pdopt", ".states"))]
+    if not pickles and not prefixes:
+        pickles = [n for n in names if not posixpath.basename(n).count(".") and _looks_like_pickle(files, n)]
+    inference = [f"{p}.pdmodel" for p in prefixes]
+    candidates = (inference if kind != "trained" else []) + (pickles if kind != "inference" else [])
+    where = files.describe("")
+    if prefer is not None:
+        wanted = [c for c in candidates + others
+                  if c == prefer or posixpath.basename(c) == prefer
+                  or c[: -len(".pdmodel")] in (prefer, prefer.removesuffix(".pdmodel"))
+                  or posixpath.basename(c).removesuffix(".pdmodel") == prefer.removesuffix(".pdmodel")]
+        if len(wanted) != 1:
+            raise UnsupportedFormatError(
+                f"{where}: prefer={prefer!r} matches {len(wanted)} of the weight files {candidates + others}")
+        chosen = wanted[0]
+        if chosen.endswith(".pdmodel"):
+            return _Choice("inference", chosen[: -len(".pdmodel")], candidates, others)
+        return _Choice("trained", chosen, candidates, others)
+    if kind != "trained" and prefixes:
+        if pickles and kind is None:
+            raise UnsupportedFormatError(
+                f"{where}: holds both an inference model ({inference}) and trained checkpoints ({pickles}); "
+                "pass kind='inference' or kind='trained' (or prefer=<file>)")
+        if len(prefixes) > 1:
+            raise UnsupportedFormatError(f"{where}: several inference models {inference}; pass prefer=<name>")
+        return _Choice("inference", prefixes[0], candidates, others)
+    if kind != "inference" and pickles:
+        for preferred in TRAINED_PREFERENCE:
+            matches = [p for p in pickles if posixpath.basename(p) == preferred]
+            if len(matches) == 1:
+                return _Choice("trained", matches[0], candidates, others)
+            if len(matches) > 1:
+                break
+        if len(pickles) == 1:
+            return _Choice("trained", pickles[0], candidates, others)
+        raise UnsupportedFormatError(f"{where}: several checkpoints {pickles}; pass prefer=<file name>")
+    pir = [n for n in names if n.endswith(".json") and n[: -len(".json")] + ".pdiparams" in files.names]
+    if pir:
+        raise UnsupportedFormatError(
+            f"{where}: {pir[0]} is a PaddlePaddle 3 PIR program, which ocrconv cannot read; "
+            "use a model exported with the classic program format (.pdmodel)")
+    wanted_kind = f"{kind} " if kind else ""
+    raise UnsupportedFormatError(
+        f"{where}: no {wanted_kind}Paddle weights found (looked for *.pdparams and *.pdmodel + *.pdiparams; "
+        f"files: {names[:20]})")
+
+
+# ----------------------------------------------------------------------------- trained checkpoints
+
+
+def _repack_big_params(state: dict, table: Any, source: str) -> list[str]:
+    """Undo ``_unpack_saved_dict``: join the ``key@@.N`` slices of big arrays (protocol 2/3 files)."""
+    if not isinstance(table, dict):
+        raise CorruptWeightsError(f"{source}: {BIG_PARAM_KEY} is not a dict")
+    joined = []
+    for key, info in table.items():
+        try:
+            shape = tuple(int(d) for d in info["OriginShape"])
+            slices = list(info["slices"])
+        except (TypeError, KeyError, ValueError) as exc:
+            raise CorruptWeightsError(f"{source}: malformed {BIG_PARAM_KEY} entry for {key!r}") from exc
+        parts = []
+        for part in slices:
+            array = state.get(part)
+            if not isinstance(array, np.ndarray) or array.ndim != 1:
+                raise CorruptWeightsError(f"{source}: slice {part!r} of big parameter {key!r} is missing or not 1-D")
+            parts.append(array)
+        dtypes = {p.dtype for p in parts}
+        total = sum(p.size for p in parts)
+        if len(dtypes) != 1 or any(d < 0 for d in shape) or total != math.prod(shape):
+            raise CorruptWeightsError(
+                f"{source}: slices of big parameter {key!r} hold {total} elements of {dtypes}, "
+                f"its OriginShape {shape} needs {math.prod(shape)}")
+        out = np.empty(total, dtype=dtypes.pop())
+        at = 0
+        for part_name, part in zip(slices, parts):
+            out[at: at + part.size] = part
+            at += part.size
+            del state[part_name]
+        state[key] = out.reshape(shape)
+        joined.append(str(key))
+    return joined
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, bytes):
+        return value.decode("latin1")
+    return value
+
+
+def _flatten_state(obj: Any, prefix: str, arrays: dict, names: dict, values: dict, forms: set) -> None:
+    """Collect arrays from a state dict in every form ``paddle.save`` writes (ndarray, (name, ndarray), nesting)."""
+    if isinstance(obj, np.ndarray):
+        forms.add("ndarray")
+        arrays[prefix] = obj
+    elif (isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], str)
+          and isinstance(obj[1], np.ndarray)):
+        forms.add("tuple(name, ndarray)")
+        arrays[prefix] = obj[1]
+        names.setdefault(prefix, obj[0])
+    elif isinstance(obj, dict):
+        if prefix:
+            forms.add("nested dict")
+        for key, value in obj.items():
+            _flatten_state(value, f"{prefix}.{key}" if prefix else str(key), arrays, names, values, forms)
+    elif isinstance(obj, list) and any(isinstance(v, (np.ndarray, dict, tuple)) for v in obj):
+        for index, value in enumerate(obj):
+            _flatten_state(value, f"{prefix}.{index}" if prefix else str(index), arrays, names, values, forms)
+    else:
+        values[prefix] = _plain(obj)
+
+
+def _read_trained(files: _Files, name: str) -> tuple[dict, str, dict, dict]:
+    """Read one pickle file: ``(arrays, sha256, param_names, meta)``."""
+    source = files.describe(name)
+    hasher = hashlib.sha256()
+    fileobj, size = files.open(name)
+    with fileobj:
+        obj, facts = load_pickle(fileobj, size, source=source, hasher=hasher)
+    if not isinstance(obj, dict):
+        raise UnsupportedFormatError(f"{source}: the pickle holds a {type(obj).__name__}, not a state dict")
+    state = dict(obj)
+    table = state.pop(NAME_TABLE_KEY, None)
+    joined = _repack_big_params(state, state.pop(BIG_PARAM_KEY), source) if BIG_PARAM_KEY in state else []
+    arrays: dict[str, np.ndarray] = {}
+    names: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    forms: set[str] = set()
+    _flatten_state(state, "", arrays, names, values, forms)
+    if isinstance(table, dict):
+        names.update({str(k): str(v) for k, v in table.items() if str(k) in arrays})
+    numpy_modules = sorted({g.rsplit(".", 1)[0] for g in facts["globals"] if g.endswith("._reconstruct")})
+    meta = {
+        "format": "pickle",
+        "file": name,
+        "size": size,
+        "pickle_protocol": facts["protocol"],
+        "pickle_globals": facts["globals"],
+        "numpy_module": numpy_modules,
+        "forms": sorted(forms),
+        "name_table": table is not None,
+        "big_params_joined": joined,
+        "values": values,
+    }
+    return arrays, hasher.hexdigest(), names, meta
+
+
+# ----------------------------------------------------------------------------- inference models
+
+
+def _dtype_name(data_type: int) -> str:
+    dtype = pb.PADDLE_DTYPES.get(data_type)
+    return np.dtype(dtype).name if dtype else pb.VAR_TYPE_NAMES.get(data_type, f"type{data_type}").lower()
+
+
+def _spec(var: pb.VarDesc | None, name: str) -> TensorSpec:
+    if var is None or var.tensor is None:
+        return TensorSpec(name, (), "unknown")
+    return TensorSpec(name, tuple(var.tensor.dims), _dtype_name(var.tensor.data_type))
+
+
+def program_info(program: pb.ProgramDesc) -> ProgramInfo:
+    """Feeds, fetches, ops and persistable parameters (sorted by name) of a decoded program."""
+    variables: dict[str, pb.VarDesc] = {}
+    ops: list[pb.OpDesc] = []
+    for block in program.blocks:
+        for var in block.vars:
+            variables.setdefault(var.name, var)
+        ops.extend(block.ops)
+    feeds, fetches = [], []
+    for op in ops:
+        if op.type == "feed":
+            for out in op.outputs.get("Out", []):
+                feeds.append((op.attrs.get("col") or 0, out))
+        elif op.type == "fetch":
+            for inp in op.inputs.get("X", []):
+                fetches.append((op.attrs.get("col") or 0, inp))
+    params = [_spec(var, name) for name, var in sorted(variables.items())
+              if var.persistable and var.type not in _SKIPPED_VAR_TYPES]
+    return ProgramInfo(
+        feeds=[_spec(variables.get(n), n) for _, n in sorted(feeds)],
+        fetches=[_spec(variables.get(n), n) for _, n in sorted(fetches)],
+        ops=ops, params=params, vars=variables, version=program.version)
+
+
+def _u32(reader: BoundedReader) -> int:
+    return int.from_bytes(reader.read(4), "little")
+
+
+def _read_tensor(reader: BoundedReader, var: pb.VarDesc, source: str) -> np.ndarray:
+    """Read one serialized DenseTensor (Paddle's SerializeToStream) for ``var`` and check it against the program."""
+    offset = reader.pos
+
+    def corrupt(why: str) -> CorruptWeightsError:
+        return CorruptWeightsError(f"{source}: variable {var.name!r} (tensor at byte {offset}): {why}")
+
+    try:
+        version = _u32(reader)
+        if version != 0:
+            raise corrupt(f"unsupported DenseTensor version {version} (only 0 exists)")
+        lod_levels = int.from_bytes(reader.read(8), "little")
+        if lod_levels > _MAX_LOD_LEVELS:
+            raise corrupt(f"claims {lod_levels} LoD levels")
+        for _ in range(lod_levels):
+            level_bytes = int.from_bytes(reader.read(8), "little")
+            reader.read(level_bytes)  # bounded by the file size; parameters carry no LoD
+        tensor_version = _u32(reader)
+        if tensor_version != 0:
+            raise corrupt(f"unsupported tensor version {tensor_version}")
+        desc_size = int.from_bytes(reader.read(4), "little", signed=True)
+        if desc_size < 0 or desc_size > reader.size - reader.pos:
+            raise corrupt(f"TensorDesc size {desc_size} does not fit in the {reader.size - reader.pos} bytes left")
+        desc_offset = reader.pos
+        try:
+            desc = pb.parse_tensor_desc(memoryview(reader.read(desc_size)))
+        except pb.ProtobufError as exc:
+            raise corrupt(f"bad TensorDesc at byte {desc_offset + exc.offset}: {exc}") from exc
+    except CorruptWeightsError as exc:
+        if var.name in str(exc):
+            raise
+        raise corrupt(str(exc).split(": ", 1)[-1]) from exc
+    dtype = pb.PADDLE_DTYPES.get(desc.data_type)
+    if dtype is None:
+        raise corrupt(f"unknown or unsupported data type {pb.VAR_TYPE_NAMES.get(desc.data_type, desc.data_type)}")
+    if any(d < 0 for d in desc.dims):
+        raise corrupt(f"negative dimension in {desc.dims}")
+    expected = var.tensor
+    if expected is not None:
+        if list(expected.dims) != list(desc.dims):
+            raise corrupt(f"stored shape {desc.dims} differs from the program's {expected.dims}")
+        if expected.data_type != desc.data_type:
+            raise corrupt(f"stored dtype {_dtype_name(desc.data_type)} differs from the program's "
+                          f"{_dtype_name(expected.data_type)}")
+    nbytes = math.prod(desc.dims) * np.dtype(dtype).itemsize
+    if nbytes > reader.size - reader.pos:
+        raise corrupt(f"data of shape {desc.dims} {np.dtype(dtype).name} needs {nbytes} bytes at byte {reader.pos}, "
+                      f"the file has {reader.size - reader.pos} left")
+    array = np.empty(desc.dims, dtype=dtype)
+    if nbytes:
+        reader.readinto(array)
+    return array
+
+
+def _read_info(files: _Files, name: str) -> dict[str, str]:
+    """``.pdiparams.info``: Paddle var name -> structured name."""
+    fileobj, size = files.open(name)
+    with fileobj:
+        obj, _ = load_pickle(fileobj, size, source=files.describe(name))
+    if not isinstance(obj, dict):
+        raise CorruptWeightsError(f"{files.describe(name)}: expected a dict, found {type(obj).__name__}")
+    mapping = {}
+    for var_name, entry in obj.items():
+        structured = entry.get("structured_name") if isinstance(entry, dict) else None
+        if isinstance(var_name, str) and isinstance(structured, str):
+            mapping[var_name] = structured
+    return mapping
+
+
+def _read_inference(files: _Files, prefix: str) -> tuple[dict, str, ProgramInfo, dict, dict, dict]:
+    model_name, params_name, info_name = f"{prefix}.pdmodel", f"{prefix}.pdiparams", f"{prefix}.pdiparams.info"
+    try:
+        program = pb.parse_program(files.read_bytes(model_name))
+    except pb.ProtobufError as exc:
+        raise CorruptWeightsError(f"{files.describe(model_name)}: not a Paddle ProgramDesc: {exc}") from exc
+    info = program_info(program)
+    for spec in info.params:
+        var = info.vars[spec.name]
+        if var.type != pb.DENSE_TENSOR:
+            raise UnsupportedFormatError(
+                f"{files.describe(model_name)}: persistable variable {spec.name!r} has type "
+                f"{pb.VAR_TYPE_NAMES.get(var.type, var.type)}; only dense tensors can be read")
+    structured = _read_info(files, info_name) if info_name in files.names else {}
+    source = files.describe(params_name)
+    hasher = hashlib.sha256()
+    by_var: dict[str, np.ndarray] = {}
+    fileobj, size = files.open(params_name)
+    with fileobj:
+        reader = BoundedReader(fileobj, size, source, hasher)
+        for spec in info.params:
+            by_var[spec.name] = _read_tensor(reader, info.vars[spec.name], source)
+        if reader.pos != size:
+            raise CorruptWeightsError(
+                f"{source}: {size - reader.pos} unread bytes after the {len(info.params)} program parameters "
+                f"(byte {reader.pos}); the file does not belong to this program")
+    arrays: dict[str, np.ndarray] = {}
+    param_names: dict[str, str] = {}
+    for var_name, array in by_var.items():
+        key = structured.get(var_name, var_name)
+        if key in arrays:
+            raise CorruptWeightsError(
+                f"{files.describe(info_name)}: variables {param_names[key]!r} and {var_name!r} share the "
+                f"structured name {key!r}")
+        arrays[key] = array
+        param_names[key] = var_name
+    info_only = {s: v for v, s in structured.items() if v not in by_var}
+    meta = {
+        "format": "inference",
+        "file": params_name,
+        "size": size,
+        "files": {"model": model_name, "params": params_name,
+                  "info": info_name if info_name in files.names else None},
+        "program_version": program.version,
+        "paddle_version": info.paddle_version,
+        "info_entries": len(structured),
+        "unnamed_params": sorted(v for v in by_var if v not in structured),
+    }
+    return arrays, hasher.hexdigest(), info, info_only, param_names, meta
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def _files_for(path: Path, stack: ExitStack) -> tuple[_Files, str | None, str | None]:
+    """(files, forced kind, forced name) for any accepted ``path``."""
+    if path.is_dir():
+        return _dir_files(path), None, None
+    name = path.name
+    for suffix in (".pdmodel", ".pdiparams", ".pdiparams.info"):
+        if name.endswith(suffix):
+            prefix = name[: -len(suffix)]
+            return _dir_files_for_prefix(path.parent, prefix), "inference", prefix
+    if not path.exists():
+        if path.with_name(name + ".pdmodel").is_file():
+            return _dir_files_for_prefix(path.parent, name), "inference", name
+        raise UnsupportedFormatError(f"{path}: no such file, directory or inference prefix")
+    if name.endswith(PICKLE_SUFFIXES):
+        return _single_file(path), "trained", name
+    if name.endswith((".tar", ".tar.gz", ".tgz")) or tarfile.is_tarfile(path):
+        return _tar_files(path, stack), None, None
+    files = _single_file(path)
+    if _looks_like_pickle(files, name):
+        return files, "trained", name
+    raise UnsupportedFormatError(
+        f"{path}: not a Paddle weight file (expected .tar, .pdparams, .pdopt, .states, .pdmodel/.pdiparams, "
+        "an inference prefix or a directory)")
+
+
+def _dir_files_for_prefix(folder: Path, prefix: str) -> _Files:
+    names = {}
+    for suffix in (".pdmodel", ".pdiparams", ".pdiparams.info"):
+        candidate = folder / f"{prefix}{suffix}"
+        if candidate.is_file():
+            names[candidate.name] = candidate
+    if f"{prefix}.pdmodel" not in names or f"{prefix}.pdiparams" not in names:
+        missing = [s for s in (".pdmodel", ".pdiparams") if f"{prefix}{s}" not in names]
+        raise UnsupportedFormatError(f"{folder / prefix}: inference model incomplete, missing {missing}")
+    return _Files(names, lambda p: open(p, "rb"), lambda p: p.stat().st_size, folder, None)
+
+
+def load(path: str | os.PathLike, *, prefer: str | None = None, kind: str | None = None) -> PaddleWeights:
+    """Read Paddle weights from ``path`` without PaddlePaddle.
+
+    ``path``: a ``.tar``, an unpacked directory, a ``.pdparams``/``.pdopt``/``.states`` file, an inference prefix
+    (``.../inference``) or a ``.pdmodel``/``.pdiparams`` file. In a directory or tar, ``kind`` ("trained" or
+    "inference") picks one kind when both are present and ``prefer`` names the file to read (default:
+    best_accuracy.pdparams, else student.pdparams, else the only checkpoint).
+    Raises UnsupportedFormatError, UnsafeCheckpointError or CorruptWeightsError.
+    """
+    if kind not in (None, "trained", "inference"):
+        raise ValueError(f"kind must be 'trained' or 'inference', not {kind!r}")
+    path = Path(path)
+    with ExitStack() as stack:
+        files, forced_kind, forced_name = _files_for(path, stack)
+        if forced_kind is not None:
+            if kind is not None and kind != forced_kind:
+                raise UnsupportedFormatError(f"{path}: is a {forced_kind} file, not {kind}")
+            choice = _Choice(forced_kind, forced_name, [forced_name], [])
+        else:
+            choice = _choose(files, prefer, kind)
+        common = {"candidates": choice.candidates, "other_files": choice.others, "container": files.container}
+        if files.container:
+            common["archive"] = str(files.root)
+        if choice.kind == "inference":
+            arrays, digest, info, info_only, param_names, meta = _read_inference(files, choice.name)
+            source = files.root if files.container else files.root / choice.name
+            weights = PaddleWeights(arrays, kind="inference", source=source, sha256=digest, program=info,
+                                    info_only=info_only, param_names=param_names, meta={**meta, **common})
+        else:
+            arrays, digest, param_names, meta = _read_trained(files, choice.name)
+            weights = PaddleWeights(arrays, kind="trained", source=files.path(choice.name), sha256=digest,
+                                    param_names=param_names, meta={**meta, **common})
+    log.debug("read %r", weights)
+    return weights

@@ -1,0 +1,394 @@
+"""Parity checker: Paddle's own inference program versus the converted PyTorch model, on the same inputs.
+
+The reference is the exported inference program run by Paddle Inference with IR optimisation switched off
+(``switch_ir_optim(False)``), which reproduces ``paddle.jit.load`` exactly; the optimised predictor fuses
+kernels and moves outputs by up to 2.3e-4. This is the only library module that imports PaddlePaddle, and
+only inside :func:`import_paddle`.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from converter.errors import ParityError
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'ocrconv[parity]'"
+DEFAULT_ATOL = 1e-5
+REL_FLOOR = 1e-6
+# A difference up to FLOOR_FACTOR x the converted model's own float32 round-off (|float32 - float64| on the same
+# input) is float32 physics, not a conversion error: Paddle's float32 program has round-off of the same order
+# (measured on the v2.0 LSTM rec fixtures: Paddle vs float64 1.3e-4, PyTorch float32 vs float64 3.9e-5).
+FLOOR_FACTOR = 8.0
+RENDERED_TEXT = "Hello PaddleOCR 2026"
+# Same-weight tolerance when comparing converted weights with those of the released inference model.
+WEIGHTS_RTOL = 1e-5
+
+
+def import_paddle():
+    """Import PaddlePaddle with the classic program format enabled, or raise ParityError with the install hint."""
+    os.environ.setdefault("FLAGS_enable_pir_api", "0")
+    try:
+        with warnings.catch_warnings():  # Paddle warns about ccache and friends on import
+            warnings.simplefilter("ignore")
+            return importlib.import_module("paddle")
+    except ImportError as exc:
+        raise ParityError(
+            f"the parity check needs PaddlePaddle, which is not installed ({exc}); install it with: {INSTALL_HINT}"
+        ) from exc
+
+
+def paddle_available() -> bool:
+    """True when PaddlePaddle is importable (without importing it)."""
+    if "paddle" in sys.modules:
+        return sys.modules["paddle"] is not None
+    try:
+        return importlib.util.find_spec("paddle") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def find_inference_prefix(path: str | os.PathLike) -> Path:
+    """The ``.../inference`` prefix of the exported program in ``path`` (a directory, prefix or .pdmodel file)."""
+    path = Path(path)
+    if path.suffix in (".pdmodel", ".pdiparams"):
+        return path.with_suffix("")
+    if path.with_suffix(".pdmodel").is_file():
+        return path
+    if path.is_dir():
+        models = sorted(p for p in path.rglob("*.pdmodel") if not p.name.startswith("._"))
+        if len(models) == 1:
+            return models[0].with_suffix("")
+        if models:
+            raise ParityError(f"{path} holds several inference programs: {', '.join(map(str, models))}")
+    raise ParityError(f"no Paddle inference program (.pdmodel + .pdiparams) found at {path}")
+
+
+class PaddleProgram:
+    """An exported inference program, run by Paddle Inference without IR optimisation on the CPU."""
+
+    def __init__(self, prefix: str | os.PathLike, threads: int = 1):
+        paddle = import_paddle()
+        from paddle import inference
+
+        self.prefix = find_inference_prefix(prefix)
+        self.paddle_version = paddle.__version__
+        config = inference.Config(str(self.prefix.with_suffix(".pdmodel")), str(self.prefix.with_suffix(".pdiparams")))
+        config.switch_ir_optim(False)
+        config.disable_gpu()
+        config.disable_glog_info()
+        config.set_cpu_math_library_num_threads(threads)
+        self._predictor = inference.create_predictor(config)
+        names = self._predictor.get_input_names()
+        if len(names) != 1:
+            raise ParityError(f"{self.prefix}: expected one input, the program has {names}")
+        self._input = self._predictor.get_input_handle(names[0])
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        """Outputs in the program's fetch order."""
+        self._input.reshape(list(x.shape))
+        self._input.copy_from_cpu(np.ascontiguousarray(x, dtype=np.float32))
+        self._predictor.run()
+        return [self._predictor.get_output_handle(n).copy_to_cpu() for n in self._predictor.get_output_names()]
+
+
+def torch_outputs(model: torch.nn.Module, x: np.ndarray) -> list[np.ndarray]:
+    """Run the PyTorch model in its parameters' dtype; outputs as a list in Paddle's fetch order."""
+    param = next(model.parameters())
+    with torch.inference_mode():
+        out = model(torch.from_numpy(np.ascontiguousarray(x)).to(param.dtype))
+    outs = list(out) if isinstance(out, (list, tuple)) else [out]
+    return [o.numpy() for o in outs]
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+def render_text(text: str, height: int, width: int, font_size: int | None = None) -> np.ndarray:
+    """Black text on white, ``height x width x 3`` uint8, drawn with Pillow (DejaVu Sans when present)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    size = font_size or max(8, int(height * 0.7))
+    font = None
+    for name in ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
+        try:
+            font = ImageFont.truetype(name, size)
+            break
+        except OSError:
+            continue
+    if font is None:
+        font = ImageFont.load_default()
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    draw.text(((width - (right - left)) // 2 - left, (height - (bottom - top)) // 2 - top), text, fill="black", font=font)
+    return np.asarray(image)
+
+
+def text_line_input(text: str, height: int, max_width: int, mean: Sequence[float] = (0.5, 0.5, 0.5),
+                    std: Sequence[float] = (0.5, 0.5, 0.5)) -> np.ndarray:
+    """A rendered text line as a rec/cls input ``1x3xHxW``: tight render, normalised, zero-padded to ``max_width``."""
+    width = min(max_width, max(height, int(len(text) * height * 0.62)))
+    image = render_text(text, height, width)
+    x = (image.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    padded = np.zeros((height, max_width, 3), np.float32)
+    padded[:, :width] = x
+    return padded.transpose(2, 0, 1)[None]
+
+
+def text_page_input(height: int, width: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """A rendered page with three text lines as a det input ``1x3xHxW``."""
+    lines = [render_text(t, height // 5, width) for t in (RENDERED_TEXT, "ocrconv parity", "0123456789")]
+    page = np.full((height, width, 3), 255, np.uint8)
+    for i, line in enumerate(lines):
+        top = height // 10 + i * (height // 4)
+        page[top:top + line.shape[0]] = line
+    x = (page.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return x.transpose(2, 0, 1)[None]
+
+
+def parity_inputs(config: Mapping, seed: int = 0) -> list[tuple[str, np.ndarray]]:
+    """Fixed inputs for a task: seeded U(0,1) tensors at several shapes and batch sizes, plus a rendered text image."""
+    task = config["task"]
+    pre = config.get("preprocess") or {}
+    mean, std = pre.get("mean", (0.5, 0.5, 0.5)), pre.get("std", (0.5, 0.5, 0.5))
+    if task == "det":
+        shapes = [(1, 3, 320, 320), (2, 3, 320, 480)]
+    elif task == "rec":
+        height = int(pre.get("image_shape", (3, 48, 320))[1])
+        shapes = [(batch, 3, height, width) for batch in (1, 3) for width in (160, 320)]
+    elif task == "cls":
+        shapes = [(1, 3, 48, 192), (3, 3, 48, 192)]
+    else:
+        raise ParityError(f"unknown task {task!r} in the model config")
+    cases = []
+    for i, shape in enumerate(shapes):
+        rng = np.random.RandomState(seed + i)
+        cases.append((f"random U(0,1) seed={seed + i} {'x'.join(map(str, shape))}", rng.uniform(0, 1, shape).astype(np.float32)))
+    if task == "det":
+        cases.append((f"rendered text page 1x3x320x640", text_page_input(320, 640, mean, std)))
+    else:
+        c, h, w = (3, 48, 192) if task == "cls" else (3, shapes[0][2], 320)
+        cases.append((f"rendered text line {RENDERED_TEXT!r} 1x{c}x{h}x{w}", text_line_input(RENDERED_TEXT, h, w, mean, std)))
+    return cases
+
+
+# ------------------------------------------------------------------------------------------- comparison
+
+def ctc_greedy(probs: np.ndarray, blank: int = 0) -> list[list[int]]:
+    """Greedy CTC path per batch item: argmax, collapse repeats, drop blanks."""
+    out = []
+    for seq in probs.argmax(-1):
+        keep = np.ones(len(seq), bool)
+        keep[1:] = seq[1:] != seq[:-1]
+        out.append([int(i) for i in seq[keep] if i != blank])
+    return out
+
+
+def decode(indices: Sequence[int], characters: Sequence[str] | None, reverse: bool = False) -> str:
+    """Text of a collapsed CTC path (class ``i`` is ``characters[i - 1]``); indices when no dictionary is known."""
+    if characters is None:
+        return " ".join(map(str, indices))
+    text = "".join(characters[i - 1] for i in indices)
+    return text[::-1] if reverse else text
+
+
+def compare_arrays(reference: np.ndarray, converted: np.ndarray, atol: float, float32_floor: float | None = None,
+                   floor_factor: float = FLOOR_FACTOR) -> dict:
+    """Max abs diff, max rel diff (elementwise, denominator ``max(|ref|, REL_FLOOR)``) and pass/fail.
+
+    The limit is ``atol``, raised to ``floor_factor * float32_floor`` when the float32 round-off of this model on
+    this input (``float32_floor``: max |float32 - float64| of the converted model) is larger than ``atol`` allows.
+    """
+    if reference.shape != converted.shape:
+        return {"shape": list(reference.shape), "converted_shape": list(converted.shape), "max_abs_diff": None,
+                "max_rel_diff": None, "float32_floor": float32_floor, "limit": atol, "passed": False}
+    diff = np.abs(reference.astype(np.float64) - converted.astype(np.float64))
+    rel = diff / np.maximum(np.abs(reference.astype(np.float64)), REL_FLOOR)
+    max_abs = float(diff.max()) if diff.size else 0.0
+    limit = max(atol, floor_factor * float32_floor) if float32_floor is not None else atol
+    return {"shape": list(reference.shape), "max_abs_diff": max_abs,
+            "max_rel_diff": float(rel.max()) if rel.size else 0.0, "float32_floor": float32_floor,
+            "limit": limit, "passed": bool(np.isfinite(converted).all()) and max_abs <= limit}
+
+
+@dataclass
+class ParityReport:
+    """Result of one parity run; :meth:`to_dict` is what parity.json holds."""
+
+    data: dict
+
+    @property
+    def passed(self) -> bool:
+        """True when every output of every case is within tolerance."""
+        return bool(self.data["passed"])
+
+    @property
+    def max_abs_diff(self) -> float | None:
+        """Largest absolute difference over every case and output."""
+        return self.data["max_abs_diff"]
+
+    def to_dict(self) -> dict:
+        """JSON-ready dictionary."""
+        return self.data
+
+    def write(self, path: str | os.PathLike) -> None:
+        """Write parity.json (temp file, then rename)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+    def table(self) -> str:
+        """Human-readable table: one row per case and output."""
+        header = ["input", "output", "shape", "max abs diff", "max rel diff", "f32 floor", "argmax agree",
+                  "text agree", "ok"]
+        rows = []
+        for case in self.data["cases"]:
+            for out in case["outputs"]:
+                rows.append([
+                    case["input"], str(out["index"]), "x".join(map(str, out["shape"])),
+                    _fmt(out["max_abs_diff"]), _fmt(out["max_rel_diff"]), _fmt(out.get("float32_floor")),
+                    _fmt_ratio(case.get("argmax_agreement")), _fmt_ratio(case.get("decoded_agreement")),
+                    ("yes" if out["max_abs_diff"] is not None and out["max_abs_diff"] <= self.data["tolerance"]["atol"]
+                     else "yes (floor)" if out["passed"] else "NO"),
+                ])
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+        verdict = "PASS" if self.passed else "FAIL"
+        tol = self.data["tolerance"]
+        floor_rule = (f", or {tol['float32_floor_factor']:g} x the float32 floor where that is larger"
+                      if tol.get("float32_floor_factor") else "")
+        lines.append(f"{verdict}: max abs diff {_fmt(self.max_abs_diff)} (tolerance {tol['atol']:g} abs on "
+                     f"{tol['on']}{floor_rule}); reference: {self.data['reference']}")
+        for case in self.data["cases"]:
+            if "decoded_converted" in case and case["input"].startswith("rendered"):
+                lines.append(f"decoded text ({case['input']}): paddle {case['decoded_reference']!r} / "
+                             f"pytorch {case['decoded_converted']!r}")
+        half = self.data.get("float16_weights")
+        if half:
+            lines.append(f"float16 weights move the outputs by up to {_fmt(half['max_abs_diff'])} "
+                         f"(parity above is of the float32 conversion)")
+        weights = self.data.get("weights_vs_inference")
+        if weights:
+            lines.append(f"trained vs released inference weights: {weights['summary']}")
+        return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def run_parity(model: torch.nn.Module, config: Mapping, reference: str | os.PathLike | Callable, *,
+               characters: Sequence[str] | None = None, atol: float = DEFAULT_ATOL, seed: int = 0,
+               floor_factor: float | None = FLOOR_FACTOR, progress: Callable[[str], None] | None = None) -> ParityReport:
+    """Compare ``model`` with Paddle's inference program (a prefix/directory, or a callable for tests).
+
+    ``characters`` (the resolved dictionary, class ``i + 1`` = ``characters[i]``) turns rec comparisons into
+    decoded strings. With ``floor_factor`` a float64 copy of ``model`` measures its float32 round-off per input
+    (see :func:`compare_arrays`); ``None`` holds every output to ``atol`` alone. Returns a
+    :class:`ParityReport`; it does not raise on a mismatch.
+    """
+    start = time.perf_counter()
+    program = reference if callable(reference) and not isinstance(reference, (str, os.PathLike)) else PaddleProgram(reference)
+    post = config.get("postprocess") or {}
+    reverse = bool(post.get("reverse", False))
+    model.eval()
+    model64 = copy.deepcopy(model).double() if floor_factor else None
+    cases, overall, passed = [], 0.0, True
+    for label, x in parity_inputs(config, seed):
+        if progress:
+            progress(label)
+        ref_outs, got_outs = program(x), torch_outputs(model, x)
+        if len(ref_outs) != len(got_outs):
+            raise ParityError(f"Paddle's program returns {len(ref_outs)} outputs, the PyTorch model {len(got_outs)} "
+                              f"(input {label})")
+        floors = [None] * len(got_outs)
+        if model64 is not None:
+            floors = [float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0
+                      for a, b in zip(got_outs, torch_outputs(model64, x.astype(np.float64)))]
+        outputs = []
+        for i, (ref, got) in enumerate(zip(ref_outs, got_outs)):
+            result = compare_arrays(ref, got, atol, floors[i], floor_factor or 0.0)
+            result["index"] = i
+            outputs.append(result)
+            passed &= result["passed"]
+            if result["max_abs_diff"] is not None:
+                overall = max(overall, result["max_abs_diff"])
+        case = {"input": label, "outputs": outputs}
+        if config["task"] in ("rec", "cls") and ref_outs[0].shape == got_outs[0].shape:
+            case["argmax_agreement"] = float((ref_outs[0].argmax(-1) == got_outs[0].argmax(-1)).mean())
+        if config["task"] == "rec" and ref_outs[0].shape == got_outs[0].shape:
+            ref_text = [decode(p, characters, reverse) for p in ctc_greedy(ref_outs[0])]
+            got_text = [decode(p, characters, reverse) for p in ctc_greedy(got_outs[0])]
+            case["decoded_agreement"] = float(np.mean([a == b for a, b in zip(ref_text, got_text)]))
+            case["decoded_reference"], case["decoded_converted"] = ref_text[0], got_text[0]
+        cases.append(case)
+    paddle_version = getattr(program, "paddle_version", None)
+    data = {
+        "reference": ("Paddle Inference, switch_ir_optim(False), CPU" if isinstance(program, PaddleProgram)
+                      else getattr(program, "label", "custom reference")),
+        "reference_program": str(getattr(program, "prefix", "")) or None,
+        "paddle_version": paddle_version,
+        "torch_version": torch.__version__,
+        "task": config["task"],
+        "family": config.get("family"),
+        "tolerance": {"atol": atol, "on": "probabilities" if config["task"] != "det" else "probability maps",
+                      "float32_floor_factor": floor_factor, "rel_floor": REL_FLOOR,
+                      "rule": "pass when max abs diff <= max(atol, float32_floor_factor * float32_floor), "
+                              "float32_floor = max |float32 - float64| of the converted model on the same input"},
+        "passed": passed,
+        "max_abs_diff": overall,
+        "cases": cases,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    return ParityReport(data)
+
+
+def compare_state_dicts(converted: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor],
+                        rtol: float = WEIGHTS_RTOL) -> dict:
+    """Per-tensor distance between two converted state dicts (trained checkpoint vs released inference model).
+
+    Information, not a verdict: releases are sometimes exported from another epoch than the trained checkpoint.
+    """
+    common = [k for k in converted if k in reference]
+    tensors, differing, largest = [], 0, 0.0
+    for key in common:
+        a, b = converted[key].double(), reference[key].double()
+        if a.shape != b.shape:
+            tensors.append({"key": key, "shape": list(a.shape), "reference_shape": list(b.shape), "max_abs_diff": None})
+            differing += 1
+            continue
+        diff = float((a - b).abs().max()) if a.numel() else 0.0
+        scale = float(b.abs().max()) if b.numel() else 0.0
+        same = diff <= rtol * max(scale, 1.0)
+        differing += not same
+        largest = max(largest, diff)
+        tensors.append({"key": key, "shape": list(a.shape), "max_abs_diff": diff, "same": same})
+    only_converted = sorted(set(converted) - set(reference))
+    only_reference = sorted(set(reference) - set(converted))
+    identical = differing == 0 and not only_converted and not only_reference
+    summary = (f"{len(common) - differing}/{len(common)} tensors equal (rtol {rtol:g}), largest |diff| {largest:.3g}"
+               + (f", {len(only_converted)} only in the trained conversion" if only_converted else "")
+               + (f", {len(only_reference)} only in the inference conversion" if only_reference else ""))
+    return {"identical": identical, "summary": summary, "max_abs_diff": largest, "differing_tensors": differing,
+            "only_trained": only_converted, "only_inference": only_reference,
+            "tensors": sorted(tensors, key=lambda t: -(t["max_abs_diff"] or 0.0))}

@@ -1,0 +1,42 @@
+"""Conversion rules of the pre-v4 families (ppocr v2.0, PP-OCRv2, PP-OCRv3, the direction classifier)."""
+from __future__ import annotations
+
+from converter.rules import ClassCount, FamilyRules, OptionalBranch, merge_lstm_aliases
+
+# Distillation checkpoints: the student is "Student." in public PaddleOCR and "student_model." in the
+# released ch_PP-OCRv2_det_distill_train; "" covers plain checkpoints, student.pdparams and inference models.
+_STUDENT_PREFIXES = ("Student.", "student_model.", "")
+
+DB_THRESHOLD = OptionalBranch(name="db_threshold_branch", config_path=("head", "use_threshold"),
+                              key_pattern=r"^head\.thresh\.")
+CTC_CLASSES = ClassCount(config_path=("head", "out_channels"),
+                         keys=("head.fc.bias", "head.fc2.bias", "head.ctc_head.fc.bias", "head.ctc_head.fc2.bias"))
+CLS_CLASSES = ClassCount(config_path=("head", "class_dim"), keys=("head.fc.bias",))
+
+
+def _det(family: str, alternates=(), foreign=()) -> FamilyRules:
+    return FamilyRules(family=family, prefixes=_STUDENT_PREFIXES, alternates=alternates, foreign_prefixes=foreign,
+                       optional_branches=(DB_THRESHOLD,))
+
+
+def _rec(family: str, **extra) -> FamilyRules:
+    return FamilyRules(family=family, prefixes=_STUDENT_PREFIXES, transforms=(merge_lstm_aliases,),
+                       class_count=CTC_CLASSES, **extra)
+
+
+RULES: dict[str, FamilyRules] = {
+    "ppocr_mobile_v2.0_det": _det("ppocr_mobile_v2.0_det"),
+    "ppocr_server_v2.0_det": _det("ppocr_server_v2.0_det"),
+    # CML distillation: Student / Student2 share the architecture, Teacher is ResNet_vd 18 + DBFPN 256.
+    # (teacher_model. is the guessed teacher counterpart of the released student_model. prefix.)
+    "PP-OCRv2_det": _det("PP-OCRv2_det", alternates=("Student2.",), foreign=("Teacher.", "teacher_model.")),
+    # CML distillation: Student / Student2 share the architecture, Teacher is ResNet50_vd + LKPAN.
+    "PP-OCRv3_det": _det("PP-OCRv3_det", alternates=("Student2.",), foreign=("Teacher.",)),
+    "ppocr_mobile_v2.0_rec": _rec("ppocr_mobile_v2.0_rec"),
+    "ppocr_server_v2.0_rec": _rec("ppocr_server_v2.0_rec"),
+    "PP-OCRv2_rec": _rec("PP-OCRv2_rec", foreign_prefixes=("Teacher.",)),
+    # The SAR branch of MultiHead only trains the shared backbone; the inference program has no SAR.
+    "PP-OCRv3_rec": _rec("PP-OCRv3_rec", foreign_prefixes=("Teacher.",),
+                         drops=(("sar_head_training_only", r"^head\.sar_head\."),)),
+    "ppocr_mobile_v2.0_cls": FamilyRules(family="ppocr_mobile_v2.0_cls", class_count=CLS_CLASSES),
+}

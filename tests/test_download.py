@@ -1,0 +1,344 @@
+"""Downloader and cache (converter.download) against the loopback mirror, and ``ocrconv download``."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import converter.download as dl
+from converter.cli import main
+from converter.errors import CorruptArchiveError, DownloadError, IntegrityError, UnknownModelError
+from converter.manifest import get_model
+
+CLS = "ch_ppocr_mobile_v2.0_cls"
+CLS_INFER_PATH = "/dygraph_v2.0/ch/ch_ppocr_mobile_v2.0_cls_infer.tar"
+CLS_TRAIN_PATH = "/dygraph_v2.0/ch/ch_ppocr_mobile_v2.0_cls_train.tar"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def cls_infer_tar(fixtures_root) -> Path:
+    return fixtures_root / CLS / f"{CLS}_infer.tar"
+
+
+@pytest.fixture
+def cls_train_tar(fixtures_root) -> Path:
+    return fixtures_root / CLS / f"{CLS}_train.tar"
+
+
+def _no_partials(cache: Path) -> bool:
+    return not [p for p in cache.rglob("*") if p.name.endswith((".part", ".partial", ".tmp"))]
+
+
+def test_download_and_unpack_through_the_mirror(mirror_env, mirror, cls_infer_tar):
+    model_dir = dl.fetch_artifact(get_model(CLS), "inference")
+    assert model_dir == mirror_env / "unpacked" / f"{CLS}_infer" / f"{CLS}_infer"
+    with tarfile.open(cls_infer_tar) as tf:
+        for name in ("inference.pdmodel", "inference.pdiparams", "inference.pdiparams.info"):
+            assert (model_dir / name).read_bytes() == tf.extractfile(f"{CLS}_infer/{name}").read()
+    assert not (model_dir / "._inference.pdmodel").exists()
+    archive = mirror_env / "archives" / f"{CLS}_infer.tar"
+    assert archive.read_bytes() == cls_infer_tar.read_bytes()
+    record = json.loads((mirror_env / "index.json").read_text())[f"{CLS}_infer.tar"]
+    assert record["sha256"] == _sha(cls_infer_tar) and record["size"] == cls_infer_tar.stat().st_size
+    assert record["url"] == "https://paddleocr.bj.bcebos.com" + CLS_INFER_PATH
+    assert record["source"] == mirror.url + CLS_INFER_PATH
+    assert _no_partials(mirror_env)
+    # second call: cache and unpacked dir reused, nothing requested
+    assert dl.fetch_artifact(get_model(CLS), "inference") == model_dir
+    assert len(mirror.requests_for(CLS_INFER_PATH)) == 1
+
+
+def test_resume_after_dropped_connection(mirror_env, mirror, cls_train_tar, caplog):
+    mirror.misbehave(CLS_TRAIN_PATH, "drop")
+    with caplog.at_level(logging.INFO, logger="converter.download"):
+        archive = dl.fetch_archive(get_model(CLS), "trained")
+    assert archive.read_bytes() == cls_train_tar.read_bytes()
+    first, second = mirror.requests_for(CLS_TRAIN_PATH)
+    size = cls_train_tar.stat().st_size
+    assert (first.action, first.range, first.bytes_sent) == ("drop", None, size // 2)
+    offset = int(second.range.removeprefix("bytes=").rstrip("-"))
+    assert 0 < offset <= first.bytes_sent
+    assert (second.status, second.bytes_sent) == (206, size - offset)  # only the missing bytes came again
+    assert "resuming" in caplog.text
+    assert _no_partials(mirror_env)
+
+
+def test_resume_falls_back_when_range_is_ignored(mirror_env, mirror, cls_train_tar):
+    archive = mirror_env / "archives" / f"{CLS}_train.tar"
+    archive.parent.mkdir(parents=True)
+    part = archive.with_name(archive.name + ".part")
+    part.write_bytes(cls_train_tar.read_bytes()[:100_000])  # an earlier, interrupted run
+    mirror.misbehave(CLS_TRAIN_PATH, "ignore_range")
+    assert dl.fetch_archive(get_model(CLS), "trained").read_bytes() == cls_train_tar.read_bytes()
+    (request,) = mirror.requests_for(CLS_TRAIN_PATH)
+    assert (request.range, request.status, request.bytes_sent) == ("bytes=100000-", 200,
+                                                                   cls_train_tar.stat().st_size)
+    # and with a server that honours Range, only the rest is fetched
+    archive.unlink()
+    dl.CacheIndex(mirror_env).remove(archive.name)
+    part.write_bytes(cls_train_tar.read_bytes()[:100_000])
+    mirror.reset()
+    assert dl.fetch_archive(get_model(CLS), "trained").read_bytes() == cls_train_tar.read_bytes()
+    (request,) = mirror.requests_for(CLS_TRAIN_PATH)
+    assert (request.status, request.bytes_sent) == (206, cls_train_tar.stat().st_size - 100_000)
+
+
+def test_complete_leftover_partial_is_restarted(mirror_env, mirror, cls_train_tar):
+    part = mirror_env / "archives" / f"{CLS}_train.tar.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(cls_train_tar.read_bytes() + b"extra")  # longer than the file: Range not satisfiable
+    assert dl.fetch_archive(get_model(CLS), "trained").read_bytes() == cls_train_tar.read_bytes()
+    assert [(r.status, r.range) for r in mirror.requests_for(CLS_TRAIN_PATH)] == [
+        (416, f"bytes={cls_train_tar.stat().st_size + 5}-"), (200, None)]
+
+
+def test_server_error_is_retried(mirror_env, mirror, cls_infer_tar, caplog):
+    mirror.misbehave(CLS_INFER_PATH, "500", "500")
+    with caplog.at_level(logging.WARNING, logger="converter.download"):
+        archive = dl.fetch_archive(get_model(CLS))
+    assert archive.read_bytes() == cls_infer_tar.read_bytes()
+    assert [r.status for r in mirror.requests_for(CLS_INFER_PATH)] == [500, 500, 200]
+    assert "retry 2/4" in caplog.text
+
+
+def test_retries_are_bounded(mirror_env, mirror, monkeypatch):
+    monkeypatch.setattr(dl, "RETRIES", 2)
+    mirror.misbehave(CLS_INFER_PATH, "500", "500", "500", "500")
+    with pytest.raises(DownloadError, match="HTTP 500"):
+        dl.fetch_archive(get_model(CLS))
+    assert len(mirror.requests_for(CLS_INFER_PATH)) == 3
+    assert not (mirror_env / "archives" / f"{CLS}_infer.tar").exists()
+    assert not (mirror_env / "index.json").exists()
+
+
+def test_dropped_connections_past_the_retry_budget(mirror_env, mirror, monkeypatch):
+    monkeypatch.setattr(dl, "RETRIES", 1)
+    mirror.misbehave(CLS_INFER_PATH, "drop", "drop")
+    with pytest.raises(DownloadError, match="failed after 2 attempts"):
+        dl.fetch_archive(get_model(CLS))
+    assert not (mirror_env / "archives" / f"{CLS}_infer.tar").exists()
+    part = mirror_env / "archives" / f"{CLS}_infer.tar.part"
+    assert 0 < part.stat().st_size < 716800  # kept to resume later, never under the final name
+
+
+def test_404_names_url_and_model(mirror_env, mirror):
+    entry = get_model("ch_PP-OCRv4_server_det")  # a graph-only fixture row: not on the mirror
+    with pytest.raises(DownloadError) as info:
+        dl.fetch_artifact(entry, "inference")
+    message = str(info.value)
+    assert "ch_PP-OCRv4_server_det inference" in message
+    assert f"HTTP 404 for {mirror.url}/PP-OCRv4/chinese/ch_PP-OCRv4_det_server_infer.tar" in message
+    assert not (mirror_env / "archives" / "ch_PP-OCRv4_det_server_infer.tar").exists()
+
+
+def test_alternative_url_is_tried_when_the_table_url_is_missing(mirror_env, mirror, fixtures_root, caplog):
+    entry = get_model("ch_PP-OCRv2_rec")
+    with caplog.at_level(logging.WARNING, logger="converter.download"):
+        model_dir = dl.fetch_artifact(entry, "inference")
+    assert [(r.path, r.status) for r in mirror.log] == [
+        ("/PP-OCRv2/chinese/ch_PP-OCRv2_infer.tar", 404), ("/PP-OCRv2/chinese/ch_PP-OCRv2_rec_infer.tar", 200)]
+    assert "trying the recorded alternative" in caplog.text
+    assert "downloaded from the alternative URL" in caplog.text
+    assert (model_dir / "inference.pdiparams").is_file()
+    record = dl.CacheIndex(mirror_env).get("ch_PP-OCRv2_infer.tar")
+    assert record["url"] == "https://paddleocr.bj.bcebos.com/PP-OCRv2/chinese/ch_PP-OCRv2_rec_infer.tar"
+    assert record["sha256"] == _sha(fixtures_root / "ch_PP-OCRv2_rec" / "ch_PP-OCRv2_rec_infer.tar")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete_unpacked_file"])
+def test_damaged_cache_is_detected_and_repaired(mirror_env, mirror, cls_infer_tar, damage, caplog):
+    model_dir = dl.fetch_artifact(get_model(CLS))
+    archive = mirror_env / "archives" / f"{CLS}_infer.tar"
+    if damage == "flip":
+        data = bytearray(archive.read_bytes())
+        data[5000] ^= 0xFF
+        archive.write_bytes(bytes(data))
+    elif damage == "truncate":
+        archive.write_bytes(archive.read_bytes()[:1000])
+    else:
+        (model_dir / "inference.pdiparams").unlink()
+    with caplog.at_level(logging.WARNING, logger="converter.download"):
+        assert dl.fetch_artifact(get_model(CLS)) == model_dir
+    assert archive.read_bytes() == cls_infer_tar.read_bytes()
+    assert (model_dir / "inference.pdiparams").is_file()
+    expected_requests = 1 if damage == "delete_unpacked_file" else 2
+    assert len(mirror.requests_for(CLS_INFER_PATH)) == expected_requests
+    if damage != "delete_unpacked_file":
+        assert "downloading again" in caplog.text
+
+
+def test_truncated_download_is_never_used(mirror_env, mirror, cls_infer_tar, caplog):
+    mirror.misbehave(CLS_INFER_PATH, "truncate")  # 200 with a consistent Content-Length, half the file
+    with pytest.raises(CorruptArchiveError, match=f"{CLS}_infer"):
+        dl.fetch_artifact(get_model(CLS))
+    assert not (mirror_env / "archives" / f"{CLS}_infer.tar").exists()
+    assert dl.CacheIndex(mirror_env).get(f"{CLS}_infer.tar") is None
+    assert not (mirror_env / "unpacked" / f"{CLS}_infer").exists()
+    model_dir = dl.fetch_artifact(get_model(CLS))  # the next run downloads a good copy
+    assert (model_dir / "inference.pdmodel").is_file()
+    assert dl.CacheIndex(mirror_env).get(f"{CLS}_infer.tar")["sha256"] == _sha(cls_infer_tar)
+
+
+def test_download_must_match_recorded_sha(mirror_env, mirror, cls_infer_tar):
+    dl.fetch_archive(get_model(CLS))
+    archive = mirror_env / "archives" / f"{CLS}_infer.tar"
+    archive.write_bytes(b"garbage")
+    mirror.misbehave(CLS_INFER_PATH, "truncate")
+    with pytest.raises(IntegrityError, match="delete its entry"):
+        dl.fetch_archive(get_model(CLS))
+    assert not archive.exists()
+    assert dl.CacheIndex(mirror_env).get(f"{CLS}_infer.tar")["sha256"] == _sha(cls_infer_tar)
+
+
+def test_expected_sha256(mirror_env, mirror, cls_infer_tar):
+    with pytest.raises(IntegrityError, match="does not match the expected 0000"):
+        dl.fetch_archive(get_model(CLS), expected_sha256="0" * 64)
+    assert not (mirror_env / "archives" / f"{CLS}_infer.tar").exists()
+    assert dl.fetch_archive(get_model(CLS), expected_sha256=_sha(cls_infer_tar)).is_file()
+    with pytest.raises(IntegrityError, match="cache index records"):
+        dl.fetch_archive(get_model(CLS), expected_sha256="1" * 64)
+
+
+def test_offline_uses_only_the_cache(mirror_env, mirror):
+    with pytest.raises(DownloadError, match=f"offline: {CLS} inference archive {CLS}_infer.tar is not in the cache"):
+        dl.fetch_artifact(get_model(CLS), offline=True)
+    assert mirror.log == []
+    model_dir = dl.fetch_artifact(get_model(CLS))
+    mirror.reset()
+    assert dl.fetch_artifact(get_model(CLS), offline=True) == model_dir
+    archive = mirror_env / "archives" / f"{CLS}_infer.tar"
+    archive.write_bytes(archive.read_bytes()[:-10])
+    with pytest.raises(DownloadError, match="is damaged"):
+        dl.fetch_artifact(get_model(CLS), offline=True)
+    assert mirror.log == []
+
+
+_CHILD = """
+import sys
+from converter.download import fetch_archive
+from converter.manifest import get_model
+print("ready", flush=True)
+print(fetch_archive(get_model(sys.argv[1]), cache_dir=sys.argv[2], mirror=sys.argv[3], quiet=True), flush=True)
+"""
+
+
+def test_two_processes_download_one_archive(mirror, tmp_path, cls_infer_tar):
+    mirror.reset()
+    mirror.misbehave(CLS_INFER_PATH, "hold", "hold")  # a download stops halfway until mirror.release()
+    cache = tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def start():
+        return subprocess.Popen([sys.executable, "-c", _CHILD, CLS, str(cache), mirror.url], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    procs = [start()]
+    try:
+        mirror.wait_for_request(CLS_INFER_PATH)  # the first process is downloading (and holds the lock)
+        procs.append(start())
+        assert procs[1].stdout.readline() == "ready\n"
+        time.sleep(0.5)  # time for the second process to ask for the archive too (it must wait instead)
+        assert len(mirror.requests_for(CLS_INFER_PATH)) == 1
+    finally:
+        mirror.release()
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    paths = [out.split()[-1] for out, _err in outputs]
+    assert paths[0] == paths[1] == str(cache / "archives" / f"{CLS}_infer.tar")
+    assert Path(paths[0]).read_bytes() == cls_infer_tar.read_bytes()
+    (request,) = mirror.requests_for(CLS_INFER_PATH)  # the second process reused the first one's file
+    assert request.bytes_sent == cls_infer_tar.stat().st_size
+    assert _no_partials(cache)
+    mirror.reset()
+
+
+def test_mirror_and_cache_settings(monkeypatch, tmp_path):
+    url = "https://paddleocr.bj.bcebos.com/PP-OCRv4/chinese/ch_PP-OCRv4_det_infer.tar"
+    monkeypatch.delenv("OCRCONV_MIRROR", raising=False)
+    assert dl.mirror_url(url) == url
+    assert dl.mirror_url(url, "http://m.example/base/") == \
+        "http://m.example/base/PP-OCRv4/chinese/ch_PP-OCRv4_det_infer.tar"
+    monkeypatch.setenv("OCRCONV_MIRROR", "http://127.0.0.1:9")
+    assert dl.mirror_url(url) == "http://127.0.0.1:9/PP-OCRv4/chinese/ch_PP-OCRv4_det_infer.tar"
+    assert dl.mirror_url(url, "") == url
+    monkeypatch.delenv("OCRCONV_CACHE", raising=False)
+    assert dl.cache_root() == Path.home() / ".cache" / "ocrconv"
+    monkeypatch.setenv("OCRCONV_CACHE", str(tmp_path))
+    assert dl.cache_root() == tmp_path
+    assert dl.cache_root(tmp_path / "x") == tmp_path / "x"
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(mirror_env, mirror, capfd):
+    dl.fetch_archive(get_model(CLS), "trained")  # stderr is not a TTY under pytest: quiet
+    assert "ch_ppocr_mobile_v2.0_cls_train.tar" not in capfd.readouterr().err
+    dl.fetch_archive(get_model(CLS), quiet=False)
+    err = capfd.readouterr().err
+    assert "ch_ppocr_mobile_v2.0_cls_infer.tar:" in err and "/700k" in err  # tqdm's bar, sized from the answer
+
+
+def test_cli_download(mirror, tmp_path, cls_infer_tar):
+    runner = CliRunner()
+    cache = tmp_path / "cache"
+    base = ["download", "--mirror", mirror.url, "--cache", str(cache), "--quiet"]
+    result = runner.invoke(main, base + [CLS, "--artifact", "all"])
+    assert result.exit_code == 0, result.output
+    paths = result.output.split()
+    assert paths == [str(cache / "unpacked" / f"{CLS}_{k}" / f"{CLS}_{k}") for k in ("infer", "train")]
+    assert (Path(paths[1]) / "best_accuracy.pdparams").is_file()
+    result = runner.invoke(main, base + ["--offline", f"{CLS}_train"])  # a file stem implies the artifact
+    assert (result.exit_code, result.output.split()) == (0, [paths[1]])
+    result = runner.invoke(main, base + [CLS, "--artifact", "pretrained"])
+    assert result.exit_code == 1
+    assert f"error: model {CLS} has no 'pretrained' archive; it has: inference, trained" in result.output
+    result = runner.invoke(main, base + [CLS, "ch_ppocr_mobile_v2.0_clss"])
+    assert result.exit_code == 1 and "nearest: ch_ppocr_mobile_v2.0_cls" in result.output
+    result = runner.invoke(main, base + ["--offline", "ch_PP-OCRv4_det"])
+    assert result.exit_code == 1 and "offline: ch_PP-OCRv4_det inference archive" in result.output
+    assert isinstance(UnknownModelError("x"), KeyError)
+
+
+def test_mirror_serves_added_files_and_rows(mirror, mirror_tree, tmp_path, fixtures_root):
+    import requests
+
+    extra = tmp_path / "extra.bin"
+    extra.write_bytes(bytes(range(256)) * 4)
+    url = "https://paddleocr.bj.bcebos.com/test/extra.bin"
+    assert mirror_tree.add(url, extra) == "/test/extra.bin"
+    mirror.reset()
+    full = requests.get(mirror.url_for(url), timeout=10)
+    assert (full.status_code, full.content) == (200, extra.read_bytes())
+    part = requests.get(mirror.url_for(url), headers={"Range": "bytes=1000-"}, timeout=10)
+    assert (part.status_code, part.content, part.headers["Content-Range"]) == (206, extra.read_bytes()[1000:],
+                                                                                "bytes 1000-1023/1024")
+    mirror.misbehave(url, "404")
+    assert requests.get(mirror.url_for(url), timeout=10).status_code == 404
+    mirror_tree.remove(url)
+    assert requests.get(mirror.url_for(url), timeout=10).status_code == 404
+    assert [r.status for r in mirror.requests_for(url)] == [200, 206, 404, 404]
+    with pytest.raises(ValueError, match="unknown actions"):
+        mirror.misbehave(url, "explode")
+    row = "ch_ppocr_mobile_v2.0_det"
+    assert mirror_tree.add_row(row) == [f"/dygraph_v2.0/ch/{row}_infer.tar", f"/dygraph_v2.0/ch/{row}_train.tar"]
+    assert mirror_tree.path_for(f"/dygraph_v2.0/ch/{row}_infer.tar").read_bytes() == \
+        (fixtures_root / row / f"{row}_infer.tar").read_bytes()
+    mirror.reset()
+
+
+def test_fetch_artifact_accepts_a_name(mirror_env, mirror):
+    model_dir = dl.fetch_artifact("ch_ppocr_mobile_v2.0_det_train", "trained")
+    assert model_dir.name == "ch_ppocr_mobile_v2.0_det_train"
+    assert (model_dir / "best_accuracy.pdparams").is_file()
