@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import importlib
-import logging
 
 from architectures.backbones import BACKBONES
 from architectures.families import classic as _classic
@@ -16,8 +15,6 @@ from architectures.model import OCRModel
 from architectures.necks import NECKS
 
 __all__ = ["BACKBONES", "NECKS", "HEADS", "FAMILIES", "OCRModel", "build", "family_config"]
-
-logger = logging.getLogger(__name__)
 
 
 def _collect_families() -> dict[str, dict]:

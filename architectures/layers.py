@@ -51,7 +51,7 @@ class Swish(nn.SiLU):
     """Swish with beta = 1 (Paddle's nn.Swish), i.e. ``x * sigmoid(x)``."""
 
 
-_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+_ACTIVATIONS: dict[str, Callable[..., nn.Module]] = {
     "relu": nn.ReLU,
     "hardswish": HardSwish,
     "hard_swish": HardSwish,
@@ -59,16 +59,20 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": nn.GELU,
     "sigmoid": nn.Sigmoid,
 }
+_INPLACE_CAPABLE = {"relu", "hardswish", "hard_swish", "swish"}
 
 
-def make_activation(name: str | None) -> nn.Module:
-    """An activation module from a Paddle activation name (None -> Identity)."""
+def make_activation(name: str | None, inplace: bool = False) -> nn.Module:
+    """An activation module from a Paddle activation name (None -> Identity).
+
+    ``inplace=True`` (for activations that support it) overwrites its input: only for fresh tensors.
+    """
     if name is None:
         return nn.Identity()
-    try:
-        return _ACTIVATIONS[name.lower()]()
-    except KeyError:
-        raise ValueError(f"unknown activation {name!r}; known: {sorted(_ACTIVATIONS)}") from None
+    key = name.lower()
+    if key not in _ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[key](inplace=True) if inplace and key in _INPLACE_CAPABLE else _ACTIVATIONS[key]()
 
 
 def _pair(value) -> tuple[int, int]:
@@ -110,12 +114,41 @@ class ConvBNLayer(nn.Module):
             nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=padding, groups=groups, bias=bias),
         )
         self.add_module(bn_name, nn.BatchNorm2d(out_channels, eps=bn_eps))
-        self.act = make_activation(act)
+        self.act = make_activation(act, inplace=True)  # runs on the fresh batch-norm output
+        self._folded: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._folded_key: tuple | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._modules[self._conv_name](x)
-        x = self._modules[self._bn_name](x)
-        return self.act(x)
+        conv = self._modules[self._conv_name]
+        bn = self._modules[self._bn_name]
+        if not self.training and not torch.is_grad_enabled():
+            weight, bias = self._folded_conv(conv, bn)
+            return self.act(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
+        return self.act(bn(conv(x)))
+
+    def _folded_conv(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference fast path (eval mode, gradients off): the batch norm folded into the convolution,
+        like Paddle Inference's conv_bn fuse pass. The folded weights are cached (channels-last, which
+        oneDNN runs fastest, depthwise convolutions above all) and recomputed whenever a parameter or
+        statistic is replaced or modified. The state dict keeps the unfused, Paddle-named tensors."""
+        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        key = (bn.eps, *((t.data_ptr(), _version(t), t.dtype, t.device) if t is not None else None for t in tensors))
+        if self._folded_key != key:
+            with torch.inference_mode(False), torch.no_grad():
+                scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+                weight = (conv.weight * scale.reshape(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
+                shift = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
+                bias = bn.bias - shift * scale
+            self._folded, self._folded_key = (weight, bias), key
+        return self._folded
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """In-place modification counter of a tensor (-1 for inference tensors, which have none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
 
 
 class SEModule(nn.Module):

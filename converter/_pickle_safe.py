@@ -17,8 +17,8 @@ it builds anything:
 
 Anything else raises :class:`UnsafeCheckpointError` naming the global, before it is imported. ``BUILD`` is only
 allowed on array shells and dtypes that the guards made, with a validated state; ``NEWOBJ``/``NEWOBJ_EX`` and
-persistent ids are refused. Reads are bounded by the file size, and the data the guards materialize is
-charged against a budget of the file size, so a small pickle cannot expand into a memory bomb.
+persistent ids are refused. Every byte count in the pickle is checked against the file size before it is read,
+and the data the guards materialize is charged against a budget of twice the file size, so a small pickle cannot expand into a memory bomb.
 It is built on the pure-Python ``pickle._Unpickler`` so that those opcodes can be checked.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ import collections
 import io
 import math
 import pickle
+import struct
 from typing import IO, Any, Callable
 
 import numpy as np
@@ -196,63 +197,6 @@ def _guards_for(owner: "RestrictedUnpickler") -> dict[tuple[str, str], _Guard]:
     return guards
 
 
-class BoundedReader:
-    """File wrapper for the unpickler: refuses reads past ``size`` and feeds every byte to ``hasher``."""
-
-    def __init__(self, file: IO[bytes], size: int, source: str, hasher=None):
-        self.file = file
-        self.size = size
-        self.pos = 0
-        self.source = source
-        self.hasher = hasher
-
-    def _check(self, n: int) -> None:
-        if n < 0 or n > self.size - self.pos:
-            raise CorruptWeightsError(
-                f"{self.source}: the pickle asks for {n} bytes at byte {self.pos}, but the file has only "
-                f"{self.size - self.pos} left (truncated or corrupt)")
-
-    def read(self, n: int = -1) -> bytes:
-        """Read exactly ``n`` bytes (or the rest when ``n`` < 0)."""
-        n = self.size - self.pos if n is None or n < 0 else n
-        self._check(n)
-        data = self.file.read(n)
-        if len(data) != n:
-            raise CorruptWeightsError(f"{self.source}: file ended at byte {self.pos + len(data)}, expected {n} more bytes")
-        self.pos += n
-        if self.hasher is not None:
-            self.hasher.update(data)
-        return data
-
-    def readinto(self, buffer) -> int:
-        """Fill ``buffer`` completely."""
-        view = memoryview(buffer).cast("B")
-        self._check(len(view))
-        done = 0
-        while done < len(view):
-            got = self.file.readinto(view[done:])
-            if not got:
-                raise CorruptWeightsError(f"{self.source}: file ended at byte {self.pos + done}")
-            done += got
-        self.pos += done
-        if self.hasher is not None:
-            self.hasher.update(view)
-        return done
-
-    def readline(self) -> bytes:
-        """One line, at most the rest of the file."""
-        line = self.file.readline(self.size - self.pos)
-        self.pos += len(line)
-        if self.hasher is not None:
-            self.hasher.update(line)
-        return line
-
-    def drain(self) -> None:
-        """Read (and hash) whatever is left after the pickle's STOP."""
-        while self.pos < self.size:
-            self.read(min(1 << 20, self.size - self.pos))
-
-
 def _load_build(self: "RestrictedUnpickler") -> None:
     state = self.stack.pop()
     inst = self.stack[-1]
@@ -273,21 +217,66 @@ def _refuse_opcode(name: str):
     return refuse
 
 
+def _counted(opcode: str, header: str, make: Callable[["RestrictedUnpickler", bytes], Any]):
+    """Loader for an opcode whose argument is a byte count followed by that many bytes; the count is checked
+    against the file size before anything is read or allocated."""
+    header_size = struct.calcsize(header)
+
+    def load(self: "RestrictedUnpickler") -> None:
+        (count,) = struct.unpack(header, self.read(header_size))
+        self.check_count(count, opcode)
+        data = self.read(count)
+        if len(data) != count:
+            raise CorruptWeightsError(f"{self.source}: {opcode} of {count} bytes is cut short: the file is truncated")
+        self.append(make(self, data))
+
+    return load
+
+
+def _utf8(data: bytes) -> str:
+    return str(data, "utf-8", "surrogatepass")
+
+
+def _load_frame(self: "RestrictedUnpickler") -> None:
+    (count,) = struct.unpack("<Q", self.read(8))
+    self.check_count(count, "FRAME")
+    self._unframer.load_frame(count)
+
+
 class RestrictedUnpickler(pickle._Unpickler):
     """Unpickler that allows only the guarded globals above; see the module docstring."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
     dispatch[pickle.BUILD[0]] = _load_build
-    dispatch[pickle.NEWOBJ[0]] = _refuse_opcode("NEWOBJ")
-    dispatch[pickle.NEWOBJ_EX[0]] = _refuse_opcode("NEWOBJ_EX")
+    for _name in ("NEWOBJ", "NEWOBJ_EX", "BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER"):
+        dispatch[getattr(pickle, _name)[0]] = _refuse_opcode(_name)
+    dispatch[pickle.FRAME[0]] = _load_frame
+    dispatch[pickle.BINBYTES[0]] = _counted("BINBYTES", "<I", lambda self, data: data)
+    dispatch[pickle.BINBYTES8[0]] = _counted("BINBYTES8", "<Q", lambda self, data: data)
+    dispatch[pickle.BINSTRING[0]] = _counted("BINSTRING", "<i", lambda self, data: self._decode_string(data))
+    dispatch[pickle.BINUNICODE[0]] = _counted("BINUNICODE", "<I", lambda self, data: _utf8(data))
+    dispatch[pickle.BINUNICODE8[0]] = _counted("BINUNICODE8", "<Q", lambda self, data: _utf8(data))
+    dispatch[pickle.LONG4[0]] = _counted("LONG4", "<i", lambda self, data: pickle.decode_long(data))
+    del _name
 
-    def __init__(self, reader: BoundedReader, *, source: str, budget: int):
-        super().__init__(reader, encoding="latin1")
+    def __init__(self, file: IO[bytes], *, size: int, source: str):
+        super().__init__(file, encoding="latin1")
+        self.file = file
+        self.size = size
         self.source = source
-        self.budget = budget
+        # protocol 2 stores bytes as latin1 text: the text and the bytes made from it both count
+        self.budget = 2 * size + (1 << 20)
         self.pending: dict[int, Any] = {}
         self.guards = _guards_for(self)
         self.globals_seen: set[str] = set()
+        self.checked_dtypes: set[np.dtype] = set()
+
+    def check_count(self, count: int, opcode: str) -> None:
+        """Refuse a byte count that is negative or larger than the whole file."""
+        if count < 0 or count > self.size:
+            raise CorruptWeightsError(
+                f"{self.source}: {opcode} at byte {self.file.tell()} asks for {count} bytes, but the file has only "
+                f"{self.size} (truncated or corrupt)")
 
     def charge(self, nbytes: int, what: str) -> None:
         """Count ``nbytes`` of materialized data; refuse once it exceeds the file size."""
@@ -322,16 +311,17 @@ class RestrictedUnpickler(pickle._Unpickler):
 
     def build_array(self, shell: np.ndarray, state: Any) -> None:
         """Apply an ndarray state ([version,] shape, dtype, is_fortran, rawdata) after checking its size."""
-        if isinstance(state, tuple) and len(state) == 5:
+        if type(state) is tuple and len(state) == 5:
             state = state[1:]
-        if not (isinstance(state, tuple) and len(state) == 4):
+        if type(state) is not tuple or len(state) != 4:
             raise UnsafeCheckpointError(f"{self.source}: refused array state {_describe(state)}")
         shape, dtype, is_fortran, raw = state
-        if (not isinstance(shape, tuple) or not all(isinstance(d, int) and d >= 0 for d in shape)
-                or not isinstance(dtype, np.dtype) or not isinstance(is_fortran, bool)
+        if (type(shape) is not tuple or not all(type(d) is int and d >= 0 for d in shape)
+                or not isinstance(dtype, np.dtype) or type(is_fortran) is not bool
                 or not isinstance(raw, (bytes, str))):
             raise UnsafeCheckpointError(f"{self.source}: refused array state {_describe(state)}")
-        _numeric_dtype(dtype, self.source)
+        if dtype not in self.checked_dtypes:
+            self.checked_dtypes.add(_numeric_dtype(dtype, self.source))
         nbytes = math.prod(shape) * dtype.itemsize
         if len(raw) != nbytes:
             raise CorruptWeightsError(
@@ -358,27 +348,24 @@ def _check_result(obj: Any, source: str, depth: int = 0) -> None:
             _check_result(value, source, depth + 1)
 
 
-def load_pickle(file: IO[bytes], size: int, *, source: str, hasher=None) -> tuple[Any, dict]:
-    """Unpickle ``size`` bytes of ``file`` safely; return ``(object, facts)``.
+def load_pickle(file: IO[bytes], size: int, *, source: str) -> tuple[Any, dict]:
+    """Unpickle ``file`` (``size`` bytes) safely; return ``(object, facts)``.
 
     ``facts``: ``protocol`` (PROTO opcode value, None for protocol 0/1) and ``globals`` (sorted names used).
-    ``hasher`` (e.g. ``hashlib.sha256()``) receives every byte of the file, trailing bytes included.
     Raises UnsafeCheckpointError for anything outside the allow-list and CorruptWeightsError for a malformed file.
     """
-    reader = BoundedReader(file, size, source, hasher)
-    # protocol 2 stores bytes as latin1 text: the text and the bytes made from it both count
-    unpickler = RestrictedUnpickler(reader, source=source, budget=2 * size + (1 << 20))
+    unpickler = RestrictedUnpickler(file, size=size, source=source)
     try:
         obj = unpickler.load()
-        reader.drain()
     except (UnsafeCheckpointError, CorruptWeightsError):
         raise
     except RecursionError as exc:
         raise CorruptWeightsError(f"{source}: the pickle nests too deeply") from exc
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            MemoryError, OverflowError, UnicodeDecodeError, io.UnsupportedOperation) as exc:
+            MemoryError, OverflowError, UnicodeDecodeError, struct.error, io.UnsupportedOperation) as exc:
+        where = file.tell() if file.seekable() else "?"
         raise CorruptWeightsError(
-            f"{source}: not a readable Paddle pickle (near byte {reader.pos}): {type(exc).__name__}: {exc}") from exc
+            f"{source}: not a readable Paddle pickle (near byte {where}): {type(exc).__name__}: {exc}") from exc
     _check_result(obj, source)
     protocol = unpickler.proto if getattr(unpickler, "proto", 0) >= 2 else None
     return obj, {"protocol": protocol, "globals": sorted(unpickler.globals_seen)}

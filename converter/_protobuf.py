@@ -24,7 +24,11 @@ class ProtobufError(ValueError):
         self.offset = offset
 
 
-def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    if pos < end:
+        byte = buf[pos]
+        if byte < 0x80:  # fast path: one-byte varint
+            return byte, pos + 1
     result = 0
     shift = 0
     start = pos
@@ -51,7 +55,7 @@ def _signed32(value: int) -> int:
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-def iter_fields(buf: memoryview, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, object, int]]:
+def iter_fields(buf: bytes, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int, object, int]]:
     """Yield ``(field_number, wire_type, value, offset)`` for each field of one message.
 
     ``value`` is an int for varint/fixed fields and a ``(start, end)`` slice for length-delimited ones.
@@ -87,7 +91,7 @@ def iter_fields(buf: memoryview, start: int = 0, end: int | None = None) -> Iter
         yield number, wire, value, offset
 
 
-def _ints(buf: memoryview, wire: int, value, out: list[int], signed32: bool) -> None:
+def _ints(buf: bytes, wire: int, value, out: list[int], signed32: bool) -> None:
     """Append a repeated integer field, packed or not."""
     conv = _signed32 if signed32 else _signed64
     if wire == _VARINT:
@@ -101,7 +105,7 @@ def _ints(buf: memoryview, wire: int, value, out: list[int], signed32: bool) -> 
         raise ProtobufError(f"integer field with wire type {wire}", value if isinstance(value, int) else 0)
 
 
-def _floats(buf: memoryview, wire: int, value, out: list[float], double: bool) -> None:
+def _floats(buf: bytes, wire: int, value, out: list[float], double: bool) -> None:
     fmt, size = ("<d", 8) if double else ("<f", 4)
     if wire in (_I64, _I32):
         out.append(struct.unpack(fmt, value.to_bytes(size, "little"))[0])
@@ -109,15 +113,15 @@ def _floats(buf: memoryview, wire: int, value, out: list[float], double: bool) -
         pos, end = value
         if (end - pos) % size:
             raise ProtobufError("packed float field with a partial element", pos)
-        out.extend(x[0] for x in struct.iter_unpack(fmt, bytes(buf[pos:end])))
+        out.extend(x[0] for x in struct.iter_unpack(fmt, buf[pos:end]))
     else:
         raise ProtobufError(f"float field with wire type {wire}", 0)
 
 
-def _text(buf: memoryview, value) -> str:
+def _text(buf: bytes, value) -> str:
     pos, end = value
     try:
-        return bytes(buf[pos:end]).decode("utf-8")
+        return buf[pos:end].decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProtobufError("string field is not valid UTF-8", pos) from exc
 
@@ -141,6 +145,7 @@ VAR_TYPE_NAMES: dict[int, str] = {
 DENSE_TENSOR = 7
 FEED_MINIBATCH = 9
 FETCH_LIST = 10
+READER = 15
 
 
 @dataclass
@@ -151,7 +156,7 @@ class TensorDesc:
     dims: list[int] = field(default_factory=list)
 
 
-def parse_tensor_desc(buf: memoryview, start: int = 0, end: int | None = None) -> TensorDesc:
+def parse_tensor_desc(buf: bytes, start: int = 0, end: int | None = None) -> TensorDesc:
     """Decode a ``VarType.TensorDesc`` message (field 1 data_type, field 2 dims)."""
     desc = TensorDesc()
     for number, wire, value, offset in iter_fields(buf, start, end):
@@ -172,7 +177,7 @@ class VarDesc:
     persistable: bool = False
 
 
-def _parse_var_type(buf: memoryview, start: int, end: int, var: VarDesc) -> None:
+def _parse_var_type(buf: bytes, start: int, end: int, var: VarDesc) -> None:
     for number, wire, value, _ in iter_fields(buf, start, end):
         if number == 1 and wire == _VARINT:
             var.type = _signed32(value)
@@ -186,7 +191,7 @@ def _parse_var_type(buf: memoryview, start: int, end: int, var: VarDesc) -> None
                         var.tensor = parse_tensor_desc(buf, *inner_value)
 
 
-def _parse_var(buf: memoryview, start: int, end: int) -> VarDesc:
+def _parse_var(buf: bytes, start: int, end: int) -> VarDesc:
     var = VarDesc()
     for number, wire, value, _ in iter_fields(buf, start, end):
         if number == 1 and wire == _LEN:
@@ -208,7 +213,7 @@ class OpDesc:
     attrs: dict[str, object] = field(default_factory=dict)
 
 
-def _parse_op_var(buf: memoryview, start: int, end: int) -> tuple[str, list[str]]:
+def _parse_op_var(buf: bytes, start: int, end: int) -> tuple[str, list[str]]:
     parameter, arguments = "", []
     for number, wire, value, _ in iter_fields(buf, start, end):
         if number == 1 and wire == _LEN:
@@ -231,7 +236,7 @@ _ATTR_VALUE_FIELD = {0: 3, 1: 4, 2: 5, 3: 6, 4: 7, 5: 8, 6: 10, 7: 11, 8: 12, 9:
 _REPEATED_ATTR_TYPES = {3, 4, 5, 7, 10, 11, 12, 14}
 
 
-def _parse_attr(buf: memoryview, start: int, end: int) -> tuple[str, object]:
+def _parse_attr(buf: bytes, start: int, end: int) -> tuple[str, object]:
     name, attr_type = "", -1
     values: dict[int, list] = {}
     for number, wire, value, _ in iter_fields(buf, start, end):
@@ -260,7 +265,7 @@ def _parse_attr(buf: memoryview, start: int, end: int) -> tuple[str, object]:
     return name, found[-1] if found else None
 
 
-def _parse_op(buf: memoryview, start: int, end: int) -> OpDesc:
+def _parse_op(buf: bytes, start: int, end: int) -> OpDesc:
     op = OpDesc()
     for number, wire, value, _ in iter_fields(buf, start, end):
         if wire != _LEN:
@@ -279,28 +284,52 @@ def _parse_op(buf: memoryview, start: int, end: int) -> OpDesc:
     return op
 
 
+def op_type(buf: bytes, start: int, end: int) -> str:
+    """Only the ``type`` (field 3) of an OpDesc, skipping its inputs/outputs without decoding them."""
+    for number, wire, value, _ in iter_fields(buf, start, end):
+        if number == 3 and wire == _LEN:
+            return _text(buf, value)
+    return ""
+
+
 @dataclass
 class BlockDesc:
-    """One program block: its variables (in file order) and operators."""
+    """One program block: its variables (in file order) and the byte spans of its operators."""
 
     idx: int = 0
     parent_idx: int = -1
     vars: list[VarDesc] = field(default_factory=list)
-    ops: list[OpDesc] = field(default_factory=list)
+    op_spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
 class ProgramDesc:
-    """A decoded ``ProgramDesc``: blocks and the program version (Paddle's ``version.version``)."""
+    """A decoded ``ProgramDesc``: blocks and the program version (Paddle's ``version.version``).
 
+    Operators are decoded on demand (:meth:`decode_op`), since most readers need only the variables.
+    """
+
+    data: bytes = field(repr=False, default=b"")
     blocks: list[BlockDesc] = field(default_factory=list)
     version: int | None = None
 
+    def op_spans(self) -> list[tuple[int, int]]:
+        """Byte spans of every operator, block by block."""
+        return [span for block in self.blocks for span in block.op_spans]
 
-def parse_program(data: bytes | memoryview) -> ProgramDesc:
-    """Decode a serialized ``ProgramDesc`` (the ``.pdmodel`` file)."""
-    buf = memoryview(data)
-    program = ProgramDesc()
+    def decode_op(self, span: tuple[int, int]) -> OpDesc:
+        """Decode the operator stored at ``span``."""
+        return _parse_op(self.data, *span)
+
+    def op_type(self, span: tuple[int, int]) -> str:
+        """The type of the operator stored at ``span``."""
+        return op_type(self.data, *span)
+
+
+def parse_program(data: bytes) -> ProgramDesc:
+    """Decode a serialized ``ProgramDesc`` (the ``.pdmodel`` file); operators are only located."""
+    buf = bytes(data)
+    program = ProgramDesc(data=buf)
     for number, wire, value, _ in iter_fields(buf):
         if number == 1 and wire == _LEN:
             block = BlockDesc()
@@ -312,7 +341,7 @@ def parse_program(data: bytes | memoryview) -> ProgramDesc:
                 elif b_number == 3 and b_wire == _LEN:
                     block.vars.append(_parse_var(buf, *b_value))
                 elif b_number == 4 and b_wire == _LEN:
-                    block.ops.append(_parse_op(buf, *b_value))
+                    block.op_spans.append(b_value)
             program.blocks.append(block)
         elif number == 4 and wire == _LEN:
             for v_number, v_wire, v_value, _ in iter_fields(buf, *value):

@@ -21,14 +21,14 @@ import os
 import posixpath
 import tarfile
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable
 
 import numpy as np
 
 from converter import _protobuf as pb
-from converter._pickle_safe import BoundedReader, load_pickle
+from converter._pickle_safe import load_pickle
 from converter.errors import CorruptWeightsError, UnsupportedFormatError
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ NAME_TABLE_KEY = "StructuredToParameterName@@"
 BIG_PARAM_KEY = "UnpackBigParamInfor@@"
 PICKLE_SUFFIXES = (".pdparams", ".pdopt", ".states")
 TRAINED_PREFERENCE = ("best_accuracy.pdparams", "student.pdparams")
-_SKIPPED_VAR_TYPES = {pb.FEED_MINIBATCH, pb.FETCH_LIST, 15}  # 15 = READER, as Paddle's is_persistable()
+_SKIPPED_VAR_TYPES = {pb.FEED_MINIBATCH, pb.FETCH_LIST, pb.READER}  # as Paddle's is_persistable()
 _MAX_LOD_LEVELS = 16
 
 
@@ -50,16 +50,57 @@ class TensorSpec:
     dtype: str
 
 
-@dataclass
-class ProgramInfo:
-    """What ocrconv needs from an inference program: feeds/fetches (in ``col`` order), ops, parameters."""
+def _dtype_name(data_type: int) -> str:
+    dtype = pb.PADDLE_DTYPES.get(data_type)
+    return np.dtype(dtype).name if dtype else pb.VAR_TYPE_NAMES.get(data_type, f"type{data_type}").lower()
 
-    feeds: list[TensorSpec]
-    fetches: list[TensorSpec]
-    ops: list[pb.OpDesc]
-    params: list[TensorSpec]
-    vars: dict[str, pb.VarDesc] = field(repr=False, default_factory=dict)
-    version: int | None = None
+
+def _spec(var: pb.VarDesc | None, name: str) -> TensorSpec:
+    if var is None or var.tensor is None:
+        return TensorSpec(name, (), "unknown")
+    return TensorSpec(name, tuple(var.tensor.dims), _dtype_name(var.tensor.data_type))
+
+
+class ProgramInfo:
+    """What ocrconv needs from an inference program: feeds/fetches (in ``col`` order), parameters, ops.
+
+    ``params``: persistable variables sorted by name (the .pdiparams order); ``vars``: every variable by name;
+    ``ops``: every operator (decoded on first access); ``version``: Paddle's program version integer.
+    """
+
+    def __init__(self, program: pb.ProgramDesc, source: str):
+        self._program = program
+        self._source = source
+        self._ops: list[pb.OpDesc] | None = None
+        self.version = program.version
+        self.vars: dict[str, pb.VarDesc] = {}
+        for block in program.blocks:
+            for var in block.vars:
+                self.vars.setdefault(var.name, var)
+        feeds, fetches = [], []
+        for span in program.op_spans():
+            kind = self._decode(program.op_type, span)
+            if kind in ("feed", "fetch"):
+                op = self._decode(program.decode_op, span)
+                names = op.outputs.get("Out", []) if kind == "feed" else op.inputs.get("X", [])
+                (feeds if kind == "feed" else fetches).extend((op.attrs.get("col") or 0, n) for n in names)
+        self.feeds = [_spec(self.vars.get(n), n) for _, n in sorted(feeds)]
+        self.fetches = [_spec(self.vars.get(n), n) for _, n in sorted(fetches)]
+        self.params = [_spec(var, name) for name, var in sorted(self.vars.items())
+                       if var.persistable and var.type not in _SKIPPED_VAR_TYPES]
+
+    def _decode(self, decoder, span):
+        try:
+            return decoder(span)
+        except pb.ProtobufError as exc:
+            raise CorruptWeightsError(f"{self._source}: malformed operator at byte {span[0]}: {exc}") from exc
+
+    @property
+    def ops(self) -> list[pb.OpDesc]:
+        """Every operator of every block, in program order."""
+        if self._ops is None:
+            self._ops = [self._decode(self._program.decode_op, span) for span in self._program.op_spans()]
+        return self._ops
 
     @property
     def paddle_version(self) -> str | None:
@@ -73,31 +114,44 @@ class ProgramInfo:
     def op_types(self) -> dict[str, int]:
         """Operator type -> count."""
         counts: dict[str, int] = {}
-        for op in self.ops:
-            counts[op.type] = counts.get(op.type, 0) + 1
+        for span in self._program.op_spans():
+            kind = self._decode(self._program.op_type, span)
+            counts[kind] = counts.get(kind, 0) + 1
         return counts
+
+    def __repr__(self) -> str:
+        return (f"ProgramInfo(feeds={self.feeds}, fetches={self.fetches}, params={len(self.params)}, "
+                f"ops={len(self._program.op_spans())})")
 
 
 class PaddleWeights(dict):
     """``{structured name: np.ndarray}`` read from Paddle files, with where it came from.
 
     Attributes: ``kind`` ("trained" | "inference"), ``source`` (file, inference prefix or tar read),
-    ``sha256`` (of the main weight file), ``program`` (ProgramInfo or None), ``info_only`` (inference: .info
-    entries not in the program, structured name -> var name), ``param_names`` (structured name -> Paddle var
-    name), ``meta`` (format facts: file, candidates, pickle protocol, Paddle version hints, ...).
+    ``sha256`` (of the main weight file; hashed on first access, so reading is not slowed down by it),
+    ``program`` (ProgramInfo or None), ``info_only`` (inference: .info entries not in the program, structured
+    name -> var name), ``param_names`` (structured name -> Paddle var name), ``meta`` (format facts: file,
+    candidates, pickle protocol, Paddle version hints, ...).
     """
 
-    def __init__(self, arrays: dict[str, np.ndarray], *, kind: str, source: Path, sha256: str,
+    def __init__(self, arrays: dict[str, np.ndarray], *, kind: str, source: Path, sha256: str | Callable[[], str],
                  program: ProgramInfo | None = None, info_only: dict[str, str] | None = None,
                  param_names: dict[str, str] | None = None, meta: dict | None = None):
         super().__init__(arrays)
         self.kind = kind
         self.source = Path(source)
-        self.sha256 = sha256
+        self._sha256 = sha256
         self.program = program
         self.info_only = dict(info_only or {})
         self.param_names = dict(param_names or {})
         self.meta = dict(meta or {})
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the main weight file (.pdparams or .pdiparams), hashed on first access."""
+        if callable(self._sha256):
+            self._sha256 = self._sha256()
+        return self._sha256
 
     @property
     def nbytes(self) -> int:
@@ -122,6 +176,28 @@ class _Files:
         self._sizer = sizer
         self.root = root
         self.container = container
+
+    def hasher(self, name: str) -> Callable[[], str]:
+        """A function that re-opens ``name`` (also after the tar is closed) and returns its sha256."""
+        handle, root, container = self.names[name], self.root, self.container
+
+        def sha256() -> str:
+            try:
+                with ExitStack() as stack:
+                    if container:
+                        tar = stack.enter_context(tarfile.open(root, "r:*"))
+                        fileobj = tar.extractfile(handle.name)
+                    else:
+                        fileobj = open(handle, "rb")
+                    with fileobj:
+                        digest = hashlib.sha256()
+                        for chunk in iter(lambda: fileobj.read(1 << 20), b""):
+                            digest.update(chunk)
+            except (OSError, KeyError, tarfile.TarError) as exc:
+                raise UnsupportedFormatError(f"{self.describe(name)}: cannot hash it any more: {exc}") from exc
+            return digest.hexdigest()
+
+        return sha256
 
     def open(self, name: str) -> tuple[IO[bytes], int]:
         """Open one file: ``(binary file object, size)``."""
@@ -216,6 +292,16 @@ def _inference_prefixes(names: Iterable[str]) -> list[str]:
                   if n.endswith(".pdmodel") and n[: -len(".pdmodel")] + ".pdiparams" in names)
 
 
+def _matches(candidate: str, prefer: str) -> bool:
+    """``prefer`` names ``candidate`` by relative path or file name (an inference model also by its prefix)."""
+    if prefer in (candidate, posixpath.basename(candidate)):
+        return True
+    if candidate.endswith(".pdmodel"):
+        prefix, wanted = candidate[: -len(".pdmodel")], prefer.removesuffix(".pdmodel")
+        return wanted in (prefix, posixpath.basename(prefix))
+    return False
+
+
 def _choose(files: _Files, prefer: str | None, kind: str | None) -> _Choice:
     names = sorted(files.names)
     prefixes = _inference_prefixes(names)
@@ -227,10 +313,7 @@ def _choose(files: _Files, prefer: str | None, kind: str | None) -> _Choice:
     candidates = (inference if kind != "trained" else []) + (pickles if kind != "inference" else [])
     where = files.describe("")
     if prefer is not None:
-        wanted = [c for c in candidates + others
-                  if c == prefer or posixpath.basename(c) == prefer
-                  or c[: -len(".pdmodel")] in (prefer, prefer.removesuffix(".pdmodel"))
-                  or posixpath.basename(c).removesuffix(".pdmodel") == prefer.removesuffix(".pdmodel")]
+        wanted = [c for c in candidates + others if _matches(c, prefer)]
         if len(wanted) != 1:
             raise UnsupportedFormatError(
                 f"{where}: prefer={prefer!r} matches {len(wanted)} of the weight files {candidates + others}")
@@ -281,7 +364,7 @@ def _repack_big_params(state: dict, table: Any, source: str) -> list[str]:
             slices = list(info["slices"])
         except (TypeError, KeyError, ValueError) as exc:
             raise CorruptWeightsError(f"{source}: malformed {BIG_PARAM_KEY} entry for {key!r}") from exc
-        parts = []
+        parts: list[np.ndarray | None] = []
         for part in slices:
             array = state.get(part)
             if not isinstance(array, np.ndarray) or array.ndim != 1:
@@ -289,16 +372,18 @@ def _repack_big_params(state: dict, table: Any, source: str) -> list[str]:
             parts.append(array)
         dtypes = {p.dtype for p in parts}
         total = sum(p.size for p in parts)
-        if len(dtypes) != 1 or any(d < 0 for d in shape) or total != math.prod(shape):
+        if (len(dtypes) != 1 or len(set(slices)) != len(slices) or any(d < 0 for d in shape)
+                or total != math.prod(shape)):
             raise CorruptWeightsError(
-                f"{source}: slices of big parameter {key!r} hold {total} elements of {dtypes}, "
+                f"{source}: slices {slices} of big parameter {key!r} hold {total} elements of {dtypes}, "
                 f"its OriginShape {shape} needs {math.prod(shape)}")
         out = np.empty(total, dtype=dtypes.pop())
         at = 0
-        for part_name, part in zip(slices, parts):
+        for index, part_name in enumerate(slices):  # drop each slice once copied: peak = one array + one slice
+            part, parts[index] = parts[index], None
             out[at: at + part.size] = part
             at += part.size
-            del state[part_name]
+            del state[part_name], part
         state[key] = out.reshape(shape)
         joined.append(str(key))
     return joined
@@ -336,13 +421,12 @@ def _flatten_state(obj: Any, prefix: str, arrays: dict, names: dict, values: dic
         values[prefix] = _plain(obj)
 
 
-def _read_trained(files: _Files, name: str) -> tuple[dict, str, dict, dict]:
-    """Read one pickle file: ``(arrays, sha256, param_names, meta)``."""
+def _read_trained(files: _Files, name: str) -> tuple[dict, dict, dict]:
+    """Read one pickle file: ``(arrays, param_names, meta)``."""
     source = files.describe(name)
-    hasher = hashlib.sha256()
     fileobj, size = files.open(name)
     with fileobj:
-        obj, facts = load_pickle(fileobj, size, source=source, hasher=hasher)
+        obj, facts = load_pickle(fileobj, size, source=source)
     if not isinstance(obj, dict):
         raise UnsupportedFormatError(f"{source}: the pickle holds a {type(obj).__name__}, not a state dict")
     state = dict(obj)
@@ -368,45 +452,47 @@ def _read_trained(files: _Files, name: str) -> tuple[dict, str, dict, dict]:
         "big_params_joined": joined,
         "values": values,
     }
-    return arrays, hasher.hexdigest(), names, meta
+    return arrays, names, meta
 
 
 # ----------------------------------------------------------------------------- inference models
 
 
-def _dtype_name(data_type: int) -> str:
-    dtype = pb.PADDLE_DTYPES.get(data_type)
-    return np.dtype(dtype).name if dtype else pb.VAR_TYPE_NAMES.get(data_type, f"type{data_type}").lower()
+class BoundedReader:
+    """Reads exactly what is asked from a file of known size; a request past the end is a CorruptWeightsError."""
 
+    def __init__(self, file: IO[bytes], size: int, source: str):
+        self.file = file
+        self.size = size
+        self.pos = 0
+        self.source = source
 
-def _spec(var: pb.VarDesc | None, name: str) -> TensorSpec:
-    if var is None or var.tensor is None:
-        return TensorSpec(name, (), "unknown")
-    return TensorSpec(name, tuple(var.tensor.dims), _dtype_name(var.tensor.data_type))
+    def _check(self, n: int) -> None:
+        if n < 0 or n > self.size - self.pos:
+            raise CorruptWeightsError(
+                f"{self.source}: asks for {n} bytes at byte {self.pos}, but the file has only "
+                f"{self.size - self.pos} left (truncated or corrupt)")
 
+    def read(self, n: int) -> bytes:
+        """Exactly ``n`` bytes."""
+        self._check(n)
+        data = self.file.read(n)
+        if len(data) != n:
+            raise CorruptWeightsError(f"{self.source}: file ended at byte {self.pos + len(data)}")
+        self.pos += n
+        return data
 
-def program_info(program: pb.ProgramDesc) -> ProgramInfo:
-    """Feeds, fetches, ops and persistable parameters (sorted by name) of a decoded program."""
-    variables: dict[str, pb.VarDesc] = {}
-    ops: list[pb.OpDesc] = []
-    for block in program.blocks:
-        for var in block.vars:
-            variables.setdefault(var.name, var)
-        ops.extend(block.ops)
-    feeds, fetches = [], []
-    for op in ops:
-        if op.type == "feed":
-            for out in op.outputs.get("Out", []):
-                feeds.append((op.attrs.get("col") or 0, out))
-        elif op.type == "fetch":
-            for inp in op.inputs.get("X", []):
-                fetches.append((op.attrs.get("col") or 0, inp))
-    params = [_spec(var, name) for name, var in sorted(variables.items())
-              if var.persistable and var.type not in _SKIPPED_VAR_TYPES]
-    return ProgramInfo(
-        feeds=[_spec(variables.get(n), n) for _, n in sorted(feeds)],
-        fetches=[_spec(variables.get(n), n) for _, n in sorted(fetches)],
-        ops=ops, params=params, vars=variables, version=program.version)
+    def readinto(self, array: np.ndarray) -> None:
+        """Fill ``array``'s buffer completely, straight from the file."""
+        view = memoryview(array).cast("B")
+        self._check(len(view))
+        done = 0
+        while done < len(view):
+            got = self.file.readinto(view[done:])
+            if not got:
+                raise CorruptWeightsError(f"{self.source}: file ended at byte {self.pos + done}")
+            done += got
+        self.pos += done
 
 
 def _u32(reader: BoundedReader) -> int:
@@ -482,13 +568,13 @@ def _read_info(files: _Files, name: str) -> dict[str, str]:
     return mapping
 
 
-def _read_inference(files: _Files, prefix: str) -> tuple[dict, str, ProgramInfo, dict, dict, dict]:
+def _read_inference(files: _Files, prefix: str) -> tuple[dict, ProgramInfo, dict, dict, dict]:
     model_name, params_name, info_name = f"{prefix}.pdmodel", f"{prefix}.pdiparams", f"{prefix}.pdiparams.info"
     try:
         program = pb.parse_program(files.read_bytes(model_name))
     except pb.ProtobufError as exc:
         raise CorruptWeightsError(f"{files.describe(model_name)}: not a Paddle ProgramDesc: {exc}") from exc
-    info = program_info(program)
+    info = ProgramInfo(program, files.describe(model_name))
     for spec in info.params:
         var = info.vars[spec.name]
         if var.type != pb.DENSE_TENSOR:
@@ -497,11 +583,10 @@ def _read_inference(files: _Files, prefix: str) -> tuple[dict, str, ProgramInfo,
                 f"{pb.VAR_TYPE_NAMES.get(var.type, var.type)}; only dense tensors can be read")
     structured = _read_info(files, info_name) if info_name in files.names else {}
     source = files.describe(params_name)
-    hasher = hashlib.sha256()
     by_var: dict[str, np.ndarray] = {}
     fileobj, size = files.open(params_name)
     with fileobj:
-        reader = BoundedReader(fileobj, size, source, hasher)
+        reader = BoundedReader(fileobj, size, source)
         for spec in info.params:
             by_var[spec.name] = _read_tensor(reader, info.vars[spec.name], source)
         if reader.pos != size:
@@ -530,7 +615,7 @@ def _read_inference(files: _Files, prefix: str) -> tuple[dict, str, ProgramInfo,
         "info_entries": len(structured),
         "unnamed_params": sorted(v for v in by_var if v not in structured),
     }
-    return arrays, hasher.hexdigest(), info, info_only, param_names, meta
+    return arrays, info, info_only, param_names, meta
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -597,12 +682,14 @@ def load(path: str | os.PathLike, *, prefer: str | None = None, kind: str | None
         if files.container:
             common["archive"] = str(files.root)
         if choice.kind == "inference":
-            arrays, digest, info, info_only, param_names, meta = _read_inference(files, choice.name)
+            arrays, info, info_only, param_names, meta = _read_inference(files, choice.name)
+            digest = files.hasher(f"{choice.name}.pdiparams")
             source = files.root if files.container else files.root / choice.name
             weights = PaddleWeights(arrays, kind="inference", source=source, sha256=digest, program=info,
                                     info_only=info_only, param_names=param_names, meta={**meta, **common})
         else:
-            arrays, digest, param_names, meta = _read_trained(files, choice.name)
+            arrays, param_names, meta = _read_trained(files, choice.name)
+            digest = files.hasher(choice.name)
             weights = PaddleWeights(arrays, kind="trained", source=files.path(choice.name), sha256=digest,
                                     param_names=param_names, meta={**meta, **common})
     log.debug("read %r", weights)

@@ -30,10 +30,12 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'ocrconv[parity]'"
 DEFAULT_ATOL = 1e-5
 REL_FLOOR = 1e-6
-# A difference up to FLOOR_FACTOR x the converted model's own float32 round-off (|float32 - float64| on the same
-# input) is float32 physics, not a conversion error: Paddle's float32 program has round-off of the same order
-# (measured on the v2.0 LSTM rec fixtures: Paddle vs float64 1.3e-4, PyTorch float32 vs float64 3.9e-5).
-FLOOR_FACTOR = 8.0
+# A difference up to FLOOR_FACTOR x the converted model's own float32 round-off (|float32 - float64| of the
+# converted model on the same input) is float32 physics, not a conversion error. Paddle's float32 program rounds
+# differently and more: measured as |Paddle - float64| it was up to 12x our round-off (ch_ppocr_mobile_v2.0_rec
+# fixture, random weights, rendered text: 1.0e-3 vs 8.5e-5) and 5.4x on the real ch_PP-OCRv4_det (1.4e-4 vs
+# 2.6e-5). A conversion error still shows on the well-conditioned random inputs, where the floor is ~1e-6.
+FLOOR_FACTOR = 32.0
 RENDERED_TEXT = "Hello PaddleOCR 2026"
 # Same-weight tolerance when comparing converted weights with those of the released inference model.
 WEIGHTS_RTOL = 1e-5
@@ -117,45 +119,56 @@ def torch_outputs(model: torch.nn.Module, x: np.ndarray) -> list[np.ndarray]:
 
 # ----------------------------------------------------------------------------------------------- inputs
 
-def render_text(text: str, height: int, width: int, font_size: int | None = None) -> np.ndarray:
-    """Black text on white, ``height x width x 3`` uint8, drawn with Pillow (DejaVu Sans when present)."""
-    from PIL import Image, ImageDraw, ImageFont
+def _font(size: int):
+    from PIL import ImageFont
 
-    size = font_size or max(8, int(height * 0.7))
-    font = None
     for name in ("DejaVuSans.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
         try:
-            font = ImageFont.truetype(name, size)
-            break
+            return ImageFont.truetype(name, size)
         except OSError:
             continue
-    if font is None:
-        font = ImageFont.load_default()
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    draw.text(((width - (right - left)) // 2 - left, (height - (bottom - top)) // 2 - top), text, fill="black", font=font)
+    return ImageFont.load_default()
+
+
+def render_text(text: str, height: int, font_size: int | None = None) -> np.ndarray:
+    """Black text on white, ``height x (text width + margins) x 3`` uint8, drawn with Pillow (DejaVu Sans if present)."""
+    from PIL import Image, ImageDraw
+
+    font = _font(font_size or max(8, int(height * 0.6)))
+    left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
+    margin = height // 4
+    image = Image.new("RGB", (right - left + 2 * margin, height), "white")
+    ImageDraw.Draw(image).text((margin - left, (height - (bottom - top)) // 2 - top), text, fill="black", font=font)
     return np.asarray(image)
 
 
-def text_line_input(text: str, height: int, max_width: int, mean: Sequence[float] = (0.5, 0.5, 0.5),
-                    std: Sequence[float] = (0.5, 0.5, 0.5)) -> np.ndarray:
-    """A rendered text line as a rec/cls input ``1x3xHxW``: tight render, normalised, zero-padded to ``max_width``."""
-    width = min(max_width, max(height, int(len(text) * height * 0.62)))
-    image = render_text(text, height, width)
-    x = (image.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+def rec_input(image: np.ndarray, height: int, max_width: int, mean: Sequence[float] = (0.5, 0.5, 0.5),
+              std: Sequence[float] = (0.5, 0.5, 0.5)) -> np.ndarray:
+    """PaddleOCR's rec/cls preprocessing of an ``HxWx3`` uint8 image: resize to ``height`` keeping the aspect
+    ratio (width at most ``max_width``), scale to [0, 1], normalise, zero-pad on the right -> ``1x3xHxmax_width``."""
+    from PIL import Image
+
+    width = min(max_width, int(np.ceil(height * image.shape[1] / image.shape[0])))
+    resized = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    x = (resized.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     padded = np.zeros((height, max_width, 3), np.float32)
     padded[:, :width] = x
     return padded.transpose(2, 0, 1)[None]
 
 
+def text_line_input(text: str, height: int, max_width: int, mean: Sequence[float] = (0.5, 0.5, 0.5),
+                    std: Sequence[float] = (0.5, 0.5, 0.5)) -> np.ndarray:
+    """A rendered text line as a rec/cls input ``1x3xHxmax_width`` (see :func:`rec_input`)."""
+    return rec_input(render_text(text, height), height, max_width, mean, std)
+
+
 def text_page_input(height: int, width: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """A rendered page with three text lines as a det input ``1x3xHxW``."""
-    lines = [render_text(t, height // 5, width) for t in (RENDERED_TEXT, "ocrconv parity", "0123456789")]
     page = np.full((height, width, 3), 255, np.uint8)
-    for i, line in enumerate(lines):
-        top = height // 10 + i * (height // 4)
-        page[top:top + line.shape[0]] = line
+    for i, text in enumerate((RENDERED_TEXT, "ocrconv parity", "0123456789")):
+        line = render_text(text, height // 6)[:, :width - width // 10]
+        top, left = height // 10 + i * (height // 4), width // 20
+        page[top:top + line.shape[0], left:left + line.shape[1]] = line
     x = (page.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return x.transpose(2, 0, 1)[None]
 
@@ -321,13 +334,17 @@ def run_parity(model: torch.nn.Module, config: Mapping, reference: str | os.Path
         if len(ref_outs) != len(got_outs):
             raise ParityError(f"Paddle's program returns {len(ref_outs)} outputs, the PyTorch model {len(got_outs)} "
                               f"(input {label})")
-        floors = [None] * len(got_outs)
+        floors, ref_vs_64 = [None] * len(got_outs), [None] * len(got_outs)
         if model64 is not None:
-            floors = [float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0
-                      for a, b in zip(got_outs, torch_outputs(model64, x.astype(np.float64)))]
+            outs64 = torch_outputs(model64, x.astype(np.float64))
+            floors = [float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0 for a, b in zip(got_outs, outs64)]
+            ref_vs_64 = [float(np.abs(r.astype(np.float64) - b).max()) if r.shape == b.shape and r.size else None
+                         for r, b in zip(ref_outs, outs64)]
         outputs = []
         for i, (ref, got) in enumerate(zip(ref_outs, got_outs)):
             result = compare_arrays(ref, got, atol, floors[i], floor_factor or 0.0)
+            # Paddle's own float32 round-off, measured against the float64 run of the converted model.
+            result["reference_vs_float64"] = ref_vs_64[i]
             result["index"] = i
             outputs.append(result)
             passed &= result["passed"]

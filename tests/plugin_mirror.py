@@ -140,6 +140,7 @@ class MirrorServer:
             self._queued.setdefault(url_path(url_or_path), []).extend(actions)
 
     def next_action(self, path: str) -> str | None:
+        """Pop the next queued action for ``path`` (None: behave)."""
         with self._lock:
             queue = self._queued.get(path)
             return queue.pop(0) if queue else None
@@ -172,6 +173,7 @@ class MirrorServer:
         self._released = threading.Event()
 
     def close(self) -> None:
+        """Stop serving."""
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -240,14 +242,15 @@ def _handler_for(server: MirrorServer):
             self.end_headers()
             record.status = status
             to_send = length // 2 if record.action == "drop" else length
-            hold_at = to_send - length // 2 if record.action == "hold" else None
+            hold_at = length - length // 2 if record.action == "hold" else None  # bytes left when holding
             with open(file, "rb") as f:
                 f.seek(start)
                 while to_send > 0:
                     if to_send == hold_at:
                         self.wfile.flush()
                         server._released.wait(60)
-                    chunk = f.read(min(_SLOW_CHUNK, to_send))
+                    step = to_send - hold_at if hold_at is not None and to_send > hold_at else to_send
+                    chunk = f.read(min(_SLOW_CHUNK, step))
                     if not chunk:
                         break
                     try:

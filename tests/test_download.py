@@ -244,7 +244,7 @@ def test_two_processes_download_one_archive(mirror, tmp_path, cls_infer_tar):
 
     def start():
         return subprocess.Popen([sys.executable, "-c", _CHILD, CLS, str(cache), mirror.url], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     procs = [start()]
     try:
@@ -252,12 +252,13 @@ def test_two_processes_download_one_archive(mirror, tmp_path, cls_infer_tar):
         procs.append(start())
         assert procs[1].stdout.readline() == "ready\n"
         time.sleep(0.5)  # time for the second process to ask for the archive too (it must wait instead)
-        assert len(mirror.requests_for(CLS_INFER_PATH)) == 1
+        (held,) = mirror.requests_for(CLS_INFER_PATH)
+        assert held.bytes_sent == cls_infer_tar.stat().st_size // 2 and held.finished == 0.0  # still held
     finally:
         mirror.release()
-    outputs = [p.communicate(timeout=60) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
-    paths = [out.split()[-1] for out, _err in outputs]
+    outputs = [p.stdout.read() for p in procs]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0], outputs
+    paths = [out.split()[-1] for out in outputs]
     assert paths[0] == paths[1] == str(cache / "archives" / f"{CLS}_infer.tar")
     assert Path(paths[0]).read_bytes() == cls_infer_tar.read_bytes()
     (request,) = mirror.requests_for(CLS_INFER_PATH)  # the second process reused the first one's file

@@ -55,7 +55,7 @@ class LearnableAffineBlock(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * x + self.bias
+        return torch.addcmul(self.bias, x, self.scale)
 
 
 class Act(nn.Module):
@@ -82,7 +82,7 @@ class LearnableRepLayer(nn.Module):
     """PPLCNetV3's re-parameterizable conv: train form (branches) or deploy form (``reparam_conv``)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride=1, groups: int = 1,
-                 num_conv_branches: int = 4, form: str = "deploy") -> None:
+                 num_conv_branches: int = 4, form: str = "train") -> None:
         super().__init__()
         if form not in FORMS:
             raise ValueError(f"LearnableRepLayer form must be one of {FORMS}, got {form!r}")
@@ -113,7 +113,10 @@ class LearnableRepLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_repped:
-            out = self.reparam_conv(x)
+            # lab(conv(x)) with lab's scalar affine folded into the kernel and bias: one pass over the output.
+            conv, lab = self.reparam_conv, self.lab
+            out = F.conv2d(x, conv.weight * lab.scale, torch.addcmul(lab.bias, conv.bias, lab.scale), conv.stride,
+                           conv.padding, conv.dilation, conv.groups)
         else:
             # Same summation order as PaddleOCR (identity, 1x1, kxk branches) for the same float32 round-off.
             branches = [self.identity] if self.has_identity else []
@@ -123,7 +126,7 @@ class LearnableRepLayer(nn.Module):
             out = branches[0](x)
             for branch in branches[1:]:
                 out = out + branch(x)
-        out = self.lab(out)
+            out = self.lab(out)
         if self.apply_act:
             out = self.act(out)
         return out

@@ -43,7 +43,7 @@ class BasicBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv1(self.conv0(x))
         short = x if self.short is None else self.short(x)
-        return F.relu(short + y)
+        return F.relu_(short + y)
 
 
 class BottleneckBlock(nn.Module):
@@ -60,7 +60,7 @@ class BottleneckBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv2(self.conv1(self.conv0(x)))
         short = x if self.short is None else self.short(x)
-        return F.relu(short + y)
+        return F.relu_(short + y)
 
 
 @register("DetResNet_vd")

@@ -25,8 +25,8 @@ class Head(nn.Module):
         self.conv3 = nn.ConvTranspose2d(mid, 1, kernel_list[2], stride=2)
 
     def forward(self, x: torch.Tensor, return_f: bool = False):
-        x = F.relu(self.conv_bn1(self.conv1(x)))
-        f = F.relu(self.conv_bn2(self.conv2(x)))
+        x = F.relu_(self.conv_bn1(self.conv1(x)))
+        f = F.relu_(self.conv_bn2(self.conv2(x)))
         out = torch.sigmoid(self.conv3(f))
         return (out, f) if return_f else out
 

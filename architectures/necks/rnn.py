@@ -38,7 +38,7 @@ class Mlp(nn.Module):
     def __init__(self, in_features, hidden_features, act="swish"):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = make_activation(act)
+        self.act = make_activation(act, inplace=True)  # on the fresh fc1 output
         self.fc2 = nn.Linear(hidden_features, in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

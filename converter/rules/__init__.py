@@ -381,6 +381,8 @@ def convert(weights: Mapping[str, np.ndarray], family: str, *, submodel: str | N
     model.eval()
     if transposed:
         ctx.notes.append(f"linear_transpose: {len(transposed)} nn.Linear weight(s) transposed from [in, out]")
+    logger.debug("%s: %d tensors loaded, %d keys dropped, %d renamed, %d transposed", family, len(tensors),
+                 len(ctx.dropped), len(ctx.renamed), len(transposed))
     return Conversion(model=model, state_dict={k: v.detach() for k, v in model.state_dict().items()},
                       config=ctx.config, dropped=ctx.dropped, renamed=ctx.renamed, notes=ctx.notes,
                       transposed=transposed, added=added)

@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""CPU inference speed of the converted PyTorch models against Paddle Inference, per architecture family.
+
+For each family the inference model of its reference fixture row (``../shared/fixtures``, random weights with the
+release architecture; graph rows are materialized once) is converted with ``converter.rules.convert`` (deploy
+form) and timed next to Paddle Inference running the same program with its default CPU optimisations (IR passes,
+oneDNN). Same thread count on both sides (1 and 2 by default), the same input, warm-up excluded, median of
+``--runs`` timed calls (``--server-runs`` for the server models), PyTorch and Paddle calls alternating so that
+both see the same background load.
+
+Inputs: det 1x3x640x640; rec 1x3xHx320 and 8x3xHx320 (H = 32 for the CRNN v2.0 / PP-OCRv2 families, else 48);
+cls 8x3x48x192. PyTorch runs under ``torch.inference_mode()``; ``--channels-last`` converts model and input.
+
+    python scripts/bench_infer.py                       # every family
+    python scripts/bench_infer.py --family PP-OCRv4_mobile_rec --threads 1 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("FLAGS_enable_pir_api", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+import fixture_data  # noqa: E402
+
+import architectures  # noqa: E402
+from converter import paddle_io  # noqa: E402
+from converter.rules import convert  # noqa: E402
+
+# family -> fixture row whose inference model has that family's architecture
+FAMILY_ROWS = {
+    "ppocr_mobile_v2.0_det": "ch_ppocr_mobile_v2.0_det",
+    "ppocr_server_v2.0_det": "ch_ppocr_server_v2.0_det",
+    "PP-OCRv2_det": "ch_PP-OCRv2_det",
+    "PP-OCRv3_det": "ch_PP-OCRv3_det",
+    "PP-OCRv4_mobile_det": "ch_PP-OCRv4_det",
+    "PP-OCRv4_server_det": "ch_PP-OCRv4_server_det",
+    "ppocr_mobile_v2.0_rec": "ch_ppocr_mobile_v2.0_rec",
+    "ppocr_server_v2.0_rec": "ch_ppocr_server_v2.0_rec",
+    "PP-OCRv2_rec": "ch_PP-OCRv2_rec",
+    "PP-OCRv3_rec": "ch_PP-OCRv3_rec",
+    "PP-OCRv4_mobile_rec": "ch_PP-OCRv4_rec",
+    "PP-OCRv4_server_rec": "ch_PP-OCRv4_server_rec",
+    "ppocr_mobile_v2.0_cls": "ch_ppocr_mobile_v2.0_cls",
+}
+SERVER_FAMILIES = {"ppocr_server_v2.0_det", "PP-OCRv4_server_det", "ppocr_server_v2.0_rec", "PP-OCRv4_server_rec"}
+
+
+def input_shapes(config: dict) -> list[tuple[int, ...]]:
+    """The benchmark input shapes of a family."""
+    task = config["task"]
+    if task == "det":
+        return [(1, 3, 640, 640)]
+    if task == "cls":
+        return [(8, 3, 48, 192)]
+    height = int(config["preprocess"]["image_shape"][1])
+    return [(1, 3, height, 320), (8, 3, height, 320)]
+
+
+def inference_tar(row: str) -> Path:
+    """The row's inference tar: shipped for full and hybrid rows, materialized (cached) for graph rows."""
+    info = fixture_data.row_info(row)
+    shipped = fixture_data.FIXTURES / row / f"{info['infer_dirname']}.tar"
+    return shipped if shipped.is_file() else fixture_data.infer_tar(row)
+
+
+class PaddlePredictor:
+    """Paddle Inference with its default CPU configuration (IR optimisation and oneDNN on)."""
+
+    def __init__(self, prefix: Path, threads: int):
+        from paddle import inference
+
+        config = inference.Config(str(prefix) + ".pdmodel", str(prefix) + ".pdiparams")
+        config.disable_gpu()
+        config.disable_glog_info()
+        config.set_cpu_math_library_num_threads(threads)
+        self.optimisations = {"ir_optim": config.ir_optim(), "mkldnn": config.mkldnn_enabled()}
+        self.predictor = inference.create_predictor(config)
+        self.input = self.predictor.get_input_handle(self.predictor.get_input_names()[0])
+        self.outputs = [self.predictor.get_output_handle(n) for n in self.predictor.get_output_names()]
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        self.input.reshape(list(x.shape))
+        self.input.copy_from_cpu(x)
+        self.predictor.run()
+        return [out.copy_to_cpu() for out in self.outputs]
+
+
+def _median_seconds(fns, warmup: int, runs: int) -> list[float]:
+    """Median wall time of each callable; the callables alternate run by run so that they share the machine's
+    load (other processes) fairly."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(runs):
+        for fn, bucket in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(bucket) for bucket in times]
+
+
+def bench_family(family: str, threads: list[int], runs: int, warmup: int, channels_last: bool,
+                 unpacked: dict[str, Path]) -> list[dict]:
+    """Time one family at every input shape and thread count; one result dict per measurement."""
+    row = FAMILY_ROWS[family]
+    tar = inference_tar(row)
+    weights = paddle_io.load(tar)
+    conversion = convert(weights, family)
+    model = conversion.model.eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    prefix = unpacked.setdefault(row, _unpack(tar))
+    results = []
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        predictor = PaddlePredictor(prefix, n_threads)
+        for shape in input_shapes(conversion.config):
+            x = np.random.RandomState(0).uniform(0, 1, shape).astype(np.float32)
+            tensor = torch.from_numpy(x)
+            if channels_last:
+                tensor = tensor.contiguous(memory_format=torch.channels_last)
+
+            def run_torch():
+                with torch.inference_mode():
+                    model(tensor)
+
+            paddle_s, torch_s = _median_seconds([lambda: predictor(x), run_torch], warmup, runs)
+            results.append({"family": family, "row": row, "shape": "x".join(map(str, shape)), "threads": n_threads,
+                            "runs": runs, "torch_ms": torch_s * 1e3, "paddle_ms": paddle_s * 1e3,
+                            "ratio": torch_s / paddle_s, "channels_last": channels_last,
+                            "paddle_config": predictor.optimisations})
+            print(f"{family:24s} {results[-1]['shape']:>12s} threads={n_threads} torch {torch_s * 1e3:9.2f} ms  "
+                  f"paddle {paddle_s * 1e3:9.2f} ms  ratio {torch_s / paddle_s:5.2f}", file=sys.stderr, flush=True)
+    return results
+
+
+def _unpack(tar: Path) -> Path:
+    import tempfile
+
+    from converter.unpack import safe_extract
+
+    dest = Path(tempfile.mkdtemp(prefix="bench_"))
+    safe_extract(tar, dest)
+    return next(dest.rglob("inference.pdmodel")).with_suffix("")
+
+
+def table(results: list[dict]) -> str:
+    """The results as a fixed-width text table (ratio = PyTorch time / Paddle time; < 1 means PyTorch is faster)."""
+    lines = [f"{'family':24s} {'input':>12s} {'thr':>3s} {'runs':>4s} {'torch ms':>10s} {'paddle ms':>10s} "
+             f"{'ratio':>6s}"]
+    for r in results:
+        lines.append(f"{r['family']:24s} {r['shape']:>12s} {r['threads']:3d} {r['runs']:4d} {r['torch_ms']:10.2f} "
+                     f"{r['paddle_ms']:10.2f} {r['ratio']:6.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", action="append", choices=sorted(FAMILY_ROWS),
+                        help="family to time (repeatable; default: every family with rules)")
+    parser.add_argument("--threads", type=int, action="append", help="thread counts (default: 1 and 2)")
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per measurement (median; default 20)")
+    parser.add_argument("--server-runs", type=int, default=10, help="timed runs for server models (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up runs (default 3)")
+    parser.add_argument("--channels-last", action="store_true", help="run PyTorch in channels_last memory format")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
+    args = parser.parse_args(argv)
+
+    from converter.rules import RULES
+
+    families = args.family or [f for f in FAMILY_ROWS if f in RULES and f in architectures.FAMILIES]
+    threads = args.threads or [1, 2]
+    unpacked: dict[str, Path] = {}
+    results = []
+    for family in families:
+        runs = args.server_runs if family in SERVER_FAMILIES else args.runs
+        results += bench_family(family, threads, runs, args.warmup, args.channels_last, unpacked)
+    print(table(results))
+    if args.json:
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps({"torch": torch.__version__, "results": results}, indent=1))
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
