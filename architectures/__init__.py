@@ -79,3 +79,4 @@ def build(config: dict) -> OCRModel:
     elif config["form"] != "train":
         raise ValueError(f"form must be 'deploy' or 'train', got {config['form']!r}")
     return model.eval()
+from architectures.pretrained import load_pretrained, from_pretrained  # noqa: E402  (owner E)

@@ -16,10 +16,13 @@ it builds anything:
   by returning the array; ``eval`` itself is never called.
 
 Anything else raises :class:`UnsafeCheckpointError` naming the global, before it is imported. ``BUILD`` is only
-allowed on array shells and dtypes that the guards made, with a validated state; ``NEWOBJ``/``NEWOBJ_EX`` and
-persistent ids are refused. Every byte count in the pickle is checked against the file size before it is read,
-and the data the guards materialize is charged against a budget of twice the file size, so a small pickle cannot expand into a memory bomb.
-It is built on the pure-Python ``pickle._Unpickler`` so that those opcodes can be checked.
+allowed on array shells and dtypes that the guards made, with a validated state; ``NEWOBJ``/``NEWOBJ_EX``,
+protocol 5 buffers and persistent ids are refused. Every byte count in the pickle is checked against the file size
+before it is read, and the data the guards materialize is charged against a budget of twice the file size, so a
+small pickle cannot expand into a memory bomb. Arrays keep the pickle's bytes as their buffer (no second copy);
+in protocol 0-2 files the latin1 text holding an array's data is dropped from the memo once converted.
+It is built on the pure-Python ``pickle._Unpickler`` so that those opcodes can be checked (the C unpickler
+allocates a claimed byte count before reading it, and sizes its memo from an untrusted index).
 """
 from __future__ import annotations
 
@@ -119,6 +122,7 @@ class _Scalar(_Guard):
         if len(args) != 2 or not isinstance(args[0], np.dtype) or not isinstance(args[1], (bytes, str)):
             raise self.refuse(f"expected (dtype, bytes), got {_describe(args)}")
         dtype = _numeric_dtype(args[0], self.where)
+        self.owner.pending.pop(id(dtype), None)  # a dtype in use can no longer receive a state
         raw = args[1].encode("latin1") if isinstance(args[1], str) else args[1]
         if len(raw) != dtype.itemsize:
             raise self.refuse(f"{len(raw)} bytes for a {dtype} scalar")
@@ -132,7 +136,9 @@ class _CodecsEncode(_Guard):
         if len(args) != 2 or not isinstance(args[0], str) or args[1] not in ("latin1", "latin-1"):
             raise self.refuse(f"expected (str, 'latin1'), got {_describe(args)}")
         self.owner.charge(len(args[0]), self.qualname)
-        return args[0].encode("latin1")
+        data = args[0].encode("latin1")
+        self.owner.release(args[0])
+        return data
 
 
 class _Tuple(_Guard):
@@ -228,7 +234,42 @@ def _counted(opcode: str, header: str, make: Callable[["RestrictedUnpickler", by
         data = self.read(count)
         if len(data) != count:
             raise CorruptWeightsError(f"{self.source}: {opcode} of {count} bytes is cut short: the file is truncated")
-        self.append(make(self, data))
+        value = make(self, data)
+        del data
+        if isinstance(value, str) and count >= _LARGE_TEXT:
+            self.large_texts[id(value)] = [value, []]
+        self.append(value)
+
+    return load
+
+
+class _Released:
+    """Replaces a memoized array text once it was turned into bytes, so the text does not stay in memory."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<released array text>"
+
+
+_RELEASED = _Released()
+_LARGE_TEXT = 1 << 16  # texts this long (array data in protocol 0-2 pickles) are dropped from the memo once used
+
+
+def _put_loader(read_index: Callable[["RestrictedUnpickler"], int]):
+    """Memo-put opcode loader that also notes where a large text was memoized (see ``release``)."""
+
+    def load(self: "RestrictedUnpickler") -> None:
+        index = read_index(self)
+        if index < 0:
+            raise CorruptWeightsError(f"{self.source}: negative memo index {index}")
+        top = self.stack[-1]
+        self.memo[index] = top
+        if self.large_texts:  # the text itself, or the memoized (text, 'latin1') argument tuple
+            text = top[0] if type(top) is tuple and top else top
+            entry = self.large_texts.get(id(text))
+            if entry is not None and entry[0] is text:
+                entry[1].append(index)
 
     return load
 
@@ -257,6 +298,10 @@ class RestrictedUnpickler(pickle._Unpickler):
     dispatch[pickle.BINUNICODE[0]] = _counted("BINUNICODE", "<I", lambda self, data: _utf8(data))
     dispatch[pickle.BINUNICODE8[0]] = _counted("BINUNICODE8", "<Q", lambda self, data: _utf8(data))
     dispatch[pickle.LONG4[0]] = _counted("LONG4", "<i", lambda self, data: pickle.decode_long(data))
+    dispatch[pickle.PUT[0]] = _put_loader(lambda self: int(self.readline()[:-1]))
+    dispatch[pickle.BINPUT[0]] = _put_loader(lambda self: self.read(1)[0])
+    dispatch[pickle.LONG_BINPUT[0]] = _put_loader(lambda self: struct.unpack("<I", self.read(4))[0])
+    dispatch[pickle.MEMOIZE[0]] = _put_loader(lambda self: len(self.memo))
     del _name
 
     def __init__(self, file: IO[bytes], *, size: int, source: str):
@@ -270,6 +315,7 @@ class RestrictedUnpickler(pickle._Unpickler):
         self.guards = _guards_for(self)
         self.globals_seen: set[str] = set()
         self.checked_dtypes: set[np.dtype] = set()
+        self.large_texts: dict[int, list] = {}  # id -> [text, memo indices holding it]
 
     def check_count(self, count: int, opcode: str) -> None:
         """Refuse a byte count that is negative or larger than the whole file."""
@@ -278,8 +324,18 @@ class RestrictedUnpickler(pickle._Unpickler):
                 f"{self.source}: {opcode} at byte {self.file.tell()} asks for {count} bytes, but the file has only "
                 f"{self.size} (truncated or corrupt)")
 
+    def release(self, text: str) -> None:
+        """Drop a large text from the memo once its bytes exist: protocol 0-2 arrays then peak at ~1x, not 2x."""
+        entry = self.large_texts.pop(id(text), None)
+        if entry is None or entry[0] is not text:
+            return
+        for index in entry[1]:
+            held = self.memo.get(index)
+            if held is text or (type(held) is tuple and held and held[0] is text):
+                self.memo[index] = _RELEASED
+
     def charge(self, nbytes: int, what: str) -> None:
-        """Count ``nbytes`` of materialized data; refuse once it exceeds the file size."""
+        """Count ``nbytes`` of materialized data; refuse once the budget (twice the file size) is spent."""
         self.budget -= nbytes
         if self.budget < 0:
             raise CorruptWeightsError(
@@ -320,6 +376,7 @@ class RestrictedUnpickler(pickle._Unpickler):
                 or not isinstance(dtype, np.dtype) or type(is_fortran) is not bool
                 or not isinstance(raw, (bytes, str))):
             raise UnsafeCheckpointError(f"{self.source}: refused array state {_describe(state)}")
+        self.pending.pop(id(dtype), None)  # a dtype in use can no longer receive a state
         if dtype not in self.checked_dtypes:
             self.checked_dtypes.add(_numeric_dtype(dtype, self.source))
         nbytes = math.prod(shape) * dtype.itemsize
@@ -328,7 +385,8 @@ class RestrictedUnpickler(pickle._Unpickler):
                 f"{self.source}: array of shape {shape} {dtype} needs {nbytes} bytes, the pickle holds {len(raw)}")
         self.charge(nbytes, f"an array of shape {shape}")
         if isinstance(raw, str):  # Python 2 pickles, decoded with latin1
-            raw = raw.encode("latin1")
+            text, raw = raw, raw.encode("latin1")
+            self.release(text)
         shell.__setstate__((shape, dtype, is_fortran, raw))
 
 
@@ -337,6 +395,8 @@ def _check_result(obj: Any, source: str, depth: int = 0) -> None:
         raise CorruptWeightsError(f"{source}: the pickle nests deeper than 100 levels")
     if isinstance(obj, _Guard):
         raise UnsafeCheckpointError(f"{source}: the pickle returns the global {obj.qualname} itself")
+    if obj is _RELEASED:
+        raise CorruptWeightsError(f"{source}: the pickle uses the data text of an array twice")
     if isinstance(obj, np.ndarray):
         _numeric_dtype(obj.dtype, source)
     elif isinstance(obj, dict):

@@ -7,7 +7,6 @@ only inside :func:`import_paddle`.
 """
 from __future__ import annotations
 
-import copy
 import importlib
 import importlib.util
 import json
@@ -30,11 +29,16 @@ log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'ocrconv[parity]'"
 DEFAULT_ATOL = 1e-5
 REL_FLOOR = 1e-6
-# A difference up to FLOOR_FACTOR x the converted model's own float32 round-off (|float32 - float64| of the
-# converted model on the same input) is float32 physics, not a conversion error. Paddle's float32 program rounds
-# differently and more: measured as |Paddle - float64| it was up to 12x our round-off (ch_ppocr_mobile_v2.0_rec
-# fixture, random weights, rendered text: 1.0e-3 vs 8.5e-5) and 5.4x on the real ch_PP-OCRv4_det (1.4e-4 vs
-# 2.6e-5). A conversion error still shows on the well-conditioned random inputs, where the floor is ~1e-6.
+# The float32 floor of the converted model on an input is how far its float32 output moves when the input is
+# nudged by about one float32 ulp (relative ULP_NUDGE, NUDGES seeded draws): it holds the rounding noise and the
+# conditioning of the network at that input. A difference up to FLOOR_FACTOR x that floor is float32 physics, not a
+# conversion error. Measured: Paddle's float32 program, compared with a float64 run of the converted model, is off
+# by up to 12x our own float32 rounding (ch_ppocr_mobile_v2.0_rec fixture, rendered text: 1.0e-3 vs 8.5e-5), 5.4x
+# on the real ch_PP-OCRv4_det; on the random-weight ch_PP-OCRv4_server_det fixture's rendered page activations reach
+# 3e4 and a 1-ulp nudge alone moves Paddle's map by 0.034 and ours by 0.014, while the two differ by 0.31.
+# A conversion error still shows on the well-conditioned random inputs, where the floor is ~1e-6.
+ULP_NUDGE = 1e-7
+NUDGES = 2
 FLOOR_FACTOR = 32.0
 RENDERED_TEXT = "Hello PaddleOCR 2026"
 # Same-weight tolerance when comparing converted weights with those of the released inference model.
@@ -44,6 +48,8 @@ WEIGHTS_RTOL = 1e-5
 def import_paddle():
     """Import PaddlePaddle with the classic program format enabled, or raise ParityError with the install hint."""
     os.environ.setdefault("FLAGS_enable_pir_api", "0")
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     try:
         with warnings.catch_warnings():  # Paddle warns about ccache and friends on import
             warnings.simplefilter("ignore")
@@ -52,6 +58,9 @@ def import_paddle():
         raise ParityError(
             f"the parity check needs PaddlePaddle, which is not installed ({exc}); install it with: {INSTALL_HINT}"
         ) from exc
+    finally:  # importing Paddle installs an INFO handler on the root logger; keep the application's logging
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def paddle_available() -> bool:
@@ -81,9 +90,10 @@ def find_inference_prefix(path: str | os.PathLike) -> Path:
 
 
 class PaddleProgram:
-    """An exported inference program, run by Paddle Inference without IR optimisation on the CPU."""
+    """An exported inference program, run by Paddle Inference without IR optimisation on the CPU
+    (``threads`` defaults to torch's thread count)."""
 
-    def __init__(self, prefix: str | os.PathLike, threads: int = 1):
+    def __init__(self, prefix: str | os.PathLike, threads: int | None = None):
         paddle = import_paddle()
         from paddle import inference
 
@@ -93,7 +103,7 @@ class PaddleProgram:
         config.switch_ir_optim(False)
         config.disable_gpu()
         config.disable_glog_info()
-        config.set_cpu_math_library_num_threads(threads)
+        config.set_cpu_math_library_num_threads(threads or torch.get_num_threads())
         self._predictor = inference.create_predictor(config)
         names = self._predictor.get_input_names()
         if len(names) != 1:
@@ -201,30 +211,25 @@ def parity_inputs(config: Mapping, seed: int = 0) -> list[tuple[str, np.ndarray]
 
 # ------------------------------------------------------------------------------------------- comparison
 
-def ctc_greedy(probs: np.ndarray, blank: int = 0) -> list[list[int]]:
-    """Greedy CTC path per batch item: argmax, collapse repeats, drop blanks."""
-    out = []
-    for seq in probs.argmax(-1):
-        keep = np.ones(len(seq), bool)
-        keep[1:] = seq[1:] != seq[:-1]
-        out.append([int(i) for i in seq[keep] if i != blank])
-    return out
+def decode_texts(probs: np.ndarray, characters: Sequence[str] | None, reverse: bool = False) -> list[str]:
+    """Greedy CTC texts of ``probs`` (N, T, C); without a dictionary class ``i`` is written ``<i>``."""
+    from architectures.postprocess import ctc_greedy_decode
+
+    chars = list(characters) if characters is not None else [f"<{i}>" for i in range(1, probs.shape[-1])]
+    texts = [r.text for r in ctc_greedy_decode(probs, chars)]
+    return [t[::-1] for t in texts] if reverse else texts
 
 
-def decode(indices: Sequence[int], characters: Sequence[str] | None, reverse: bool = False) -> str:
-    """Text of a collapsed CTC path (class ``i`` is ``characters[i - 1]``); indices when no dictionary is known."""
-    if characters is None:
-        return " ".join(map(str, indices))
-    text = "".join(characters[i - 1] for i in indices)
-    return text[::-1] if reverse else text
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if a.size else 0.0
 
 
 def compare_arrays(reference: np.ndarray, converted: np.ndarray, atol: float, float32_floor: float | None = None,
                    floor_factor: float = FLOOR_FACTOR) -> dict:
     """Max abs diff, max rel diff (elementwise, denominator ``max(|ref|, REL_FLOOR)``) and pass/fail.
 
-    The limit is ``atol``, raised to ``floor_factor * float32_floor`` when the float32 round-off of this model on
-    this input (``float32_floor``: max |float32 - float64| of the converted model) is larger than ``atol`` allows.
+    The limit is ``atol``, raised to ``floor_factor * float32_floor`` when the float32 floor of this model on this
+    input (see FLOOR_FACTOR) is larger than ``atol`` allows.
     """
     if reference.shape != converted.shape:
         return {"shape": list(reference.shape), "converted_shape": list(converted.shape), "max_abs_diff": None,
@@ -316,8 +321,8 @@ def run_parity(model: torch.nn.Module, config: Mapping, reference: str | os.Path
     """Compare ``model`` with Paddle's inference program (a prefix/directory, or a callable for tests).
 
     ``characters`` (the resolved dictionary, class ``i + 1`` = ``characters[i]``) turns rec comparisons into
-    decoded strings. With ``floor_factor`` a float64 copy of ``model`` measures its float32 round-off per input
-    (see :func:`compare_arrays`); ``None`` holds every output to ``atol`` alone. Returns a
+    decoded strings. With ``floor_factor`` the float32 floor of ``model`` is measured per input (see FLOOR_FACTOR);
+    ``None`` holds every output to ``atol`` alone. Returns a
     :class:`ParityReport`; it does not raise on a mismatch.
     """
     start = time.perf_counter()
@@ -325,7 +330,6 @@ def run_parity(model: torch.nn.Module, config: Mapping, reference: str | os.Path
     post = config.get("postprocess") or {}
     reverse = bool(post.get("reverse", False))
     model.eval()
-    model64 = copy.deepcopy(model).double() if floor_factor else None
     cases, overall, passed = [], 0.0, True
     for label, x in parity_inputs(config, seed):
         if progress:
@@ -334,17 +338,16 @@ def run_parity(model: torch.nn.Module, config: Mapping, reference: str | os.Path
         if len(ref_outs) != len(got_outs):
             raise ParityError(f"Paddle's program returns {len(ref_outs)} outputs, the PyTorch model {len(got_outs)} "
                               f"(input {label})")
-        floors, ref_vs_64 = [None] * len(got_outs), [None] * len(got_outs)
-        if model64 is not None:
-            outs64 = torch_outputs(model64, x.astype(np.float64))
-            floors = [float(np.abs(a.astype(np.float64) - b).max()) if a.size else 0.0 for a, b in zip(got_outs, outs64)]
-            ref_vs_64 = [float(np.abs(r.astype(np.float64) - b).max()) if r.shape == b.shape and r.size else None
-                         for r, b in zip(ref_outs, outs64)]
+        floors = [None] * len(got_outs)
+        if floor_factor:
+            floors = [0.0] * len(got_outs)
+            for k in range(NUDGES):
+                noise = np.random.RandomState(seed + 1000 + k).standard_normal(x.shape)
+                nudged = (x * (1 + ULP_NUDGE * noise)).astype(np.float32)
+                floors = [max(f, _max_diff(a, b)) for f, a, b in zip(floors, got_outs, torch_outputs(model, nudged))]
         outputs = []
         for i, (ref, got) in enumerate(zip(ref_outs, got_outs)):
             result = compare_arrays(ref, got, atol, floors[i], floor_factor or 0.0)
-            # Paddle's own float32 round-off, measured against the float64 run of the converted model.
-            result["reference_vs_float64"] = ref_vs_64[i]
             result["index"] = i
             outputs.append(result)
             passed &= result["passed"]
@@ -354,8 +357,8 @@ def run_parity(model: torch.nn.Module, config: Mapping, reference: str | os.Path
         if config["task"] in ("rec", "cls") and ref_outs[0].shape == got_outs[0].shape:
             case["argmax_agreement"] = float((ref_outs[0].argmax(-1) == got_outs[0].argmax(-1)).mean())
         if config["task"] == "rec" and ref_outs[0].shape == got_outs[0].shape:
-            ref_text = [decode(p, characters, reverse) for p in ctc_greedy(ref_outs[0])]
-            got_text = [decode(p, characters, reverse) for p in ctc_greedy(got_outs[0])]
+            ref_text = decode_texts(ref_outs[0], characters, reverse)
+            got_text = decode_texts(got_outs[0], characters, reverse)
             case["decoded_agreement"] = float(np.mean([a == b for a, b in zip(ref_text, got_text)]))
             case["decoded_reference"], case["decoded_converted"] = ref_text[0], got_text[0]
         cases.append(case)
@@ -370,8 +373,10 @@ def run_parity(model: torch.nn.Module, config: Mapping, reference: str | os.Path
         "family": config.get("family"),
         "tolerance": {"atol": atol, "on": "probabilities" if config["task"] != "det" else "probability maps",
                       "float32_floor_factor": floor_factor, "rel_floor": REL_FLOOR,
-                      "rule": "pass when max abs diff <= max(atol, float32_floor_factor * float32_floor), "
-                              "float32_floor = max |float32 - float64| of the converted model on the same input"},
+                      "ulp_nudge": ULP_NUDGE, "nudges": NUDGES,
+                      "rule": "pass when max abs diff <= max(atol, float32_floor_factor * float32_floor); "
+                              "float32_floor = max over the nudges of |model(x) - model(x * (1 + ulp_nudge * N(0,1)))| "
+                              "for the converted model in float32"},
         "passed": passed,
         "max_abs_diff": overall,
         "cases": cases,

@@ -345,7 +345,7 @@ def run_batch(rows: list[str], workdir: Path, jobs: int) -> dict:
             data = json.loads(report.read_text()) if report.is_file() else {"rows": [], "counts": {}}
             rows_out = [{"name": r["name"], "family": r.get("family"), "status": r["status"],
                          "seconds": r["seconds"], "error": r.get("error"),
-                         "tar_bytes": served.get(_filename(r["name"], artifact))} for r in data["rows"]]
+                         "tar_bytes": _served_bytes(served, r["name"], artifact)} for r in data["rows"]]
             runs[artifact] = {"command": " ".join(cmd[-14:]), "exit": proc.returncode, "wall_s": wall,
                               "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
                               "counts": data["counts"], "rows": rows_out,
@@ -363,11 +363,15 @@ def run_batch(rows: list[str], workdir: Path, jobs: int) -> dict:
     return {"jobs": jobs, "runs": runs, "served_bytes": sum(served.values())}
 
 
-def _filename(name: str, artifact: str) -> str | None:
+def _served_bytes(served: dict[str, int], name: str, artifact: str) -> int | None:
+    """Size of the tar the mirror served for a row's artifact (its URL or one of its alternative URLs)."""
     from converter.manifest import get_model
 
     entry = get_model(name)
-    return entry.artifacts[artifact].filename if artifact in entry.artifacts else None
+    if artifact not in entry.artifacts:
+        return None
+    names = [Path(urlparse(url).path).name for url in entry.artifacts[artifact].urls]
+    return next((served[n] for n in names if n in served), None)
 
 
 def parse_size(text: str) -> float:

@@ -195,3 +195,43 @@ def test_invalid_hyper_parameters_are_reported():
         architectures.build(architectures.family_config("ppocr_mobile_v2.0_cls", backbone={"scale": 0.3}))
     with pytest.raises(ValueError, match="unknown backbone"):
         architectures.build(architectures.family_config("ppocr_mobile_v2.0_cls", backbone={"name": "NoSuchNet"}))
+
+
+def test_inference_fast_path_folds_batch_norm_and_follows_weight_changes():
+    from architectures.layers import ConvBNLayer
+
+    torch.manual_seed(1)
+    layer = ConvBNLayer(8, 16, 3, act="hardswish", conv_name="_conv", bn_name="_batch_norm").eval()
+    bn = layer._batch_norm
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 1.5)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    x = torch.rand(2, 8, 9, 11)
+
+    def reference():
+        with torch.enable_grad():  # the plain conv -> BN path
+            return layer(x).detach()
+
+    with torch.no_grad():
+        fast = layer(x)
+    torch.testing.assert_close(fast, reference(), rtol=0, atol=1e-5)
+    assert set(layer.state_dict()) == {"_conv.weight", "_batch_norm.weight", "_batch_norm.bias",
+                                       "_batch_norm.running_mean", "_batch_norm.running_var",
+                                       "_batch_norm.num_batches_tracked"}
+    # in-place updates (load_state_dict copies) and replaced tensors both invalidate the folded weights
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["_batch_norm.running_mean"] += 0.25
+    layer.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference(), rtol=0, atol=1e-5)
+        assert not torch.allclose(layer(x), fast, atol=1e-3)
+    layer.double()
+    with torch.no_grad():
+        assert layer(x.double()).dtype == torch.float64
+    # gradients still reach the convolution in eval mode (frozen-BN fine-tuning)
+    layer.float()
+    loss = layer(x).sum()
+    loss.backward()
+    assert layer._conv.weight.grad is not None and float(layer._conv.weight.grad.abs().sum()) > 0

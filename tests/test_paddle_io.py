@@ -1,6 +1,7 @@
 """converter.paddle_io: reading every Paddle weight format without Paddle, safely and exactly."""
 from __future__ import annotations
 
+import codecs
 import collections
 import hashlib
 import json
@@ -393,6 +394,12 @@ def _hostile(marker: Path) -> dict[str, tuple[bytes, bool, str]]:
         "BUILD on an allowed global": (
             b"\x80\x02ccollections\nOrderedDict\n}X\x07\x00\x00\x00factoryX\x03\x00\x00\x00abcsb.", False,
             "BUILD"),
+        "BUILD on a dtype already in use": (
+            b"\x80\x02cnumpy\ndtype\nX\x02\x00\x00\x00f4\x89\x88\x87Rq\x00"
+            b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85C\x01b\x87R"
+            b"(K\x01K\x01\x85h\x00\x89C\x04\x00\x00\x80?tb0"
+            b"h\x00(K\x03X\x01\x00\x00\x00>NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb.", False,
+            "refused BUILD on"),
         "ndarray called directly": (
             b"\x80\x02cnumpy\nndarray\nJ\x00\xe1\xf5\x05\x85\x85R.", False, "ndarray"),
     }
@@ -562,6 +569,27 @@ def test_peak_memory_stays_near_the_file_size():
         size = weights.meta["size"]
         assert weights.kind == kind and size > 5_000_000
         assert peak <= 1.3 * size, (kind, peak / size)
+
+
+def test_protocol2_array_texts_are_released(tmp_path):
+    """Protocol 2 stores array data as latin1 text: the text is dropped once its bytes exist."""
+    rs = np.random.RandomState(0)
+    state = {f"w{i}": rs.standard_normal((64, 1024)).astype(np.float32) for i in range(12)}
+    path = _write_pickle(tmp_path / "m.pdparams", state, 2)
+    tracemalloc.start()
+    try:
+        weights = load(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert all(_same(weights[k], state[k]) for k in state)
+    assert peak <= 1.3 * weights.nbytes < path.stat().st_size, peak / weights.nbytes
+    # a pickle that feeds one released text to a second array is refused
+    text = bytes(range(256)).decode("latin1") * 512
+    path.write_bytes(pickle.dumps([_Reduce(codecs.encode, (text, "latin1")),
+                                   _Reduce(codecs.encode, (text, "latin1"))], protocol=2))
+    with pytest.raises(UnsafeCheckpointError, match="released array text"):
+        load(path)
 
 
 def test_reading_never_imports_paddle(tmp_path):

@@ -75,12 +75,11 @@ def test_compare_arrays_reports_abs_rel_and_limit():
     assert not wrong_shape["passed"] and wrong_shape["converted_shape"] == [2]
 
 
-def test_ctc_greedy_collapses_repeats_and_drops_blanks():
+def test_decode_texts_uses_the_dictionary_and_reverses_arabic():
     probs = np.eye(4)[[0, 2, 2, 0, 2, 3, 3, 1, 0]][None]
-    assert parity.ctc_greedy(probs) == [[2, 2, 3, 1]]
-    assert parity.decode([2, 2, 3, 1], ["a", "b", "c"]) == "bbca"
-    assert parity.decode([2, 2, 3, 1], ["a", "b", "c"], reverse=True) == "acbb"
-    assert parity.decode([2, 3], None) == "2 3"
+    assert parity.decode_texts(probs, ["a", "b", "c"]) == ["bbca"]
+    assert parity.decode_texts(probs, ["a", "b", "c"], reverse=True) == ["acbb"]
+    assert parity.decode_texts(probs, None) == ["<2><2><3><1>"]
 
 
 def test_run_parity_passes_within_tolerance_and_fails_beyond():
