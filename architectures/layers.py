@@ -134,11 +134,16 @@ class ConvBNLayer(nn.Module):
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         key = (bn.eps, *((t.data_ptr(), _version(t), t.dtype, t.device) if t is not None else None for t in tensors))
         if self._folded_key != key:
+            # folded in float64 (where the device has it) and rounded once
+            wide = torch.float64 if conv.weight.device.type in ("cpu", "cuda") else torch.float32
             with torch.inference_mode(False), torch.no_grad():
-                scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-                weight = (conv.weight * scale.reshape(-1, 1, 1, 1)).contiguous(memory_format=torch.channels_last)
-                shift = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
-                bias = bn.bias - shift * scale
+                scale = bn.weight.to(wide) * torch.rsqrt(bn.running_var.to(wide) + bn.eps)
+                weight = conv.weight.to(wide) * scale.reshape(-1, 1, 1, 1)
+                weight = weight.to(conv.weight.dtype).contiguous(memory_format=torch.channels_last)
+                shift = bn.running_mean.to(wide)
+                if conv.bias is not None:
+                    shift = shift - conv.bias.to(wide)
+                bias = (bn.bias.to(wide) - shift * scale).to(bn.bias.dtype)
             self._folded, self._folded_key = (weight, bias), key
         return self._folded
 

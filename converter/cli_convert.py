@@ -24,7 +24,7 @@ def _echo_result(result: pipeline.ConvertResult) -> None:
 
 
 @click.command("convert")
-@click.argument("target", required=False, metavar="NAME|PATH")
+@click.argument("target", required=False, metavar="[NAME|PATH]")
 @click.option("--artifact", type=click.Choice(["inference", "trained", "pretrained"]), default=None,
               help="Which archive of a manifest row (default: inference when it exists).")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None,

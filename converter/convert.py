@@ -249,9 +249,7 @@ def read_output_metadata(out: Path) -> dict | None:
     try:
         with safe_open(str(out / WEIGHTS_FILE), framework="pt") as f:
             return dict(f.metadata() or {})
-    except (OSError, ValueError, RuntimeError):
-        return None
-    except Exception as exc:  # safetensors raises its own SafetensorError for corrupt headers
+    except Exception as exc:  # missing file, or safetensors' own SafetensorError for a corrupt header
         log.debug("unreadable %s: %s", out / WEIGHTS_FILE, exc)
         return None
 
@@ -310,14 +308,14 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
         raise OcrconvError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if check is None:
         check = parity.paddle_available()
-    early_out = Path(out) if out is not None else None
-    if early_out is not None and early_out.exists() and not force and not skip_up_to_date:
-        raise OutputError(f"output directory {early_out} already exists; use --force to replace it")
+    refuse_existing = not force and not skip_up_to_date
+    if out is not None and refuse_existing:  # before any download
+        _refuse_existing(Path(out))
 
     source = resolve_source(target, artifact=artifact, mirror=mirror, cache_dir=cache_dir, offline=offline)
     out = Path(out) if out is not None else Path.cwd() / source.name
-    if out.exists() and not force and not skip_up_to_date:
-        raise OutputError(f"output directory {out} already exists; use --force to replace it")
+    if refuse_existing:
+        _refuse_existing(out)
     say(f"reading {source.path}")
     weights = paddle_io.load(source.path)
     artifact = source.artifact or weights.kind
@@ -385,6 +383,11 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
     return result
 
 
+def _refuse_existing(out: Path) -> None:
+    if out.exists():
+        raise OutputError(f"output directory {out} already exists; use --force to replace it")
+
+
 def _read_parity(out: Path) -> dict | None:
     path = out / PARITY_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
@@ -446,8 +449,10 @@ def _check_with(result: ConvertResult, tmp: Path, scratch: Path, source: _Source
         result.notes.append(f"parity not checked: {ref_weights}")
         return
     if ref_weights is not None:
-        ref_conversion = rules.convert(ref_weights, fam, form=form, kind=ref_weights.kind)
-        result.weights_vs_inference = parity.compare_state_dicts(conversion.state_dict, ref_conversion.state_dict)
+        # Compared in the deploy form: an inference model holds fused convolutions only.
+        ref_conversion = rules.convert(ref_weights, fam, form="deploy", kind=ref_weights.kind)
+        deploy = conversion if form == "deploy" else rules.convert(weights, fam, form="deploy", kind=weights.kind)
+        result.weights_vs_inference = parity.compare_state_dicts(deploy.state_dict, ref_conversion.state_dict)
     if atol is None:
         atol = ATOL_TRAIN_FORM if form == "train" else ATOL_DEPLOY
     say(f"checking parity against {prefix}")

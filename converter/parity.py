@@ -390,6 +390,7 @@ def compare_state_dicts(converted: Mapping[str, torch.Tensor], reference: Mappin
     """Per-tensor distance between two converted state dicts (trained checkpoint vs released inference model).
 
     Information, not a verdict: releases are sometimes exported from another epoch than the trained checkpoint.
+    ``identical`` ignores tensors only the trained side has (training-only branches such as DB's threshold map).
     """
     common = [k for k in converted if k in reference]
     tensors, differing, largest = [], 0, 0.0
@@ -407,7 +408,7 @@ def compare_state_dicts(converted: Mapping[str, torch.Tensor], reference: Mappin
         tensors.append({"key": key, "shape": list(a.shape), "max_abs_diff": diff, "same": same})
     only_converted = sorted(set(converted) - set(reference))
     only_reference = sorted(set(reference) - set(converted))
-    identical = differing == 0 and not only_converted and not only_reference
+    identical = differing == 0 and not only_reference  # extra trained tensors are training-only branches
     summary = (f"{len(common) - differing}/{len(common)} tensors equal (rtol {rtol:g}), largest |diff| {largest:.3g}"
                + (f", {len(only_converted)} only in the trained conversion" if only_converted else "")
                + (f", {len(only_reference)} only in the inference conversion" if only_reference else ""))

@@ -10,7 +10,9 @@ in a fresh subprocess with ``OMP_NUM_THREADS=1``:
 * ``usual``  what existing converters do: ``paddle.load(file.pdparams)`` (trained) or
              ``paddle.jit.load(prefix).state_dict()`` (inference), a per-key copy into a PyTorch state dict
              (``torch.from_numpy(tensor.numpy())``) and ``torch.save``. It builds no PyTorch model, so it does
-             less work than ours.
+             less work than ours;
+* ``floor``  ``converter.paddle_io.load`` + ``safetensors.numpy.save_file`` of every array read: no rules, no
+             model. usual / floor is the best ratio any converter built on these readers could reach.
 
 The child imports its libraries first (time and RSS reported separately), resets the RSS high-water mark
 (``/proc/self/clear_refs``), converts once (peak RSS: VmHWM), then converts ``--repeat`` - 1 more times for the
@@ -141,6 +143,29 @@ def _child_usual(path: str, kind: str, out: str, repeat: int) -> dict:
     return {**result, "import_s": import_s, "output_bytes": written[0]}
 
 
+def _child_floor(path: str, kind: str, out: str, repeat: int) -> dict:
+    start = time.perf_counter()
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from converter import paddle_io
+
+    import_s = time.perf_counter() - start
+    written = []
+
+    def convert_once(i: int) -> None:
+        weights = paddle_io.load(path, kind=kind)
+        target = Path(out) / f"floor{i}.safetensors"
+        save_file({key: np.ascontiguousarray(value) for key, value in weights.items()}, str(target))
+        written.append(target.stat().st_size)
+
+    result = _timed_runs(convert_once, repeat)
+    return {**result, "import_s": import_s, "output_bytes": written[0]}
+
+
+CHILDREN = {"ours": _child_ours, "usual": _child_usual, "floor": _child_floor}
+
+
 def _measure(side: str, args: list[str], repeat: int) -> dict:
     """One side in a fresh subprocess; adds the child's ru_maxrss (absolute peak, from the parent)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -209,7 +234,7 @@ def collect_targets(rows: list[str], real: bool, workdir: Path) -> list[dict]:
 def bench_files(targets: list[dict], repeat: int, workdir: Path) -> list[dict]:
     """Both sides on every target; one result row each (failed sides keep their error)."""
     results = []
-    print(f"{'file':<40} {'MB':>6} {'ours s':>7} {'usual s':>8} {'ratio':>6} {'proc':>6} {'ours RSS':>8} "
+    print(f"{'file':<40} {'MB':>6} {'ours s':>7} {'usual s':>8} {'ratio':>6} {'proc':>6} {'floor':>6} {'ours RSS':>8} "
           f"{'+base':>6} {'x size':>6} {'abs x':>6} {'usual RSS':>9} {'x size':>6}", flush=True)
     for target in targets:
         out = workdir / "out"
@@ -223,6 +248,10 @@ def bench_files(targets: list[dict], repeat: int, workdir: Path) -> list[dict]:
             row["usual"] = _measure("usual", [target["usual_path"], target["kind"], str(out)], repeat)
         except RuntimeError as exc:
             row["usual"], row["usual_error"] = None, str(exc).splitlines()[-1]
+        try:
+            row["floor"] = _measure("floor", [target["folder"], target["kind"], str(out)], repeat)
+        except RuntimeError as exc:
+            row["floor"], row["floor_error"] = None, str(exc).splitlines()[-1]
         shutil.rmtree(out)
         size = target["size"]
         ours, usual = row["ours"], row["usual"]
@@ -237,10 +266,14 @@ def bench_files(targets: list[dict], repeat: int, workdir: Path) -> list[dict]:
             row["speedup_first"] = usual["first_s"] / ours["first_s"]
             # one fresh process per conversion (a CLI call): imports + the first conversion
             row["speedup_process"] = (usual["import_s"] + usual["first_s"]) / (ours["import_s"] + ours["first_s"])
+        if usual and row["floor"]:
+            # read + write of every array, no rules, no model: the ratio no converter on these readers can beat
+            row["speedup_floor"] = usual["best_s"] / row["floor"]["best_s"]
         results.append(row)
         if ours and usual:
             print(f"{row['label']:<40} {size / MB:6.1f} {ours['best_s']:7.3f} {usual['best_s']:8.3f} "
-                  f"{row['speedup']:5.1f}x {row['speedup_process']:5.1f}x {ours['peak_rss_above'] / MB:8.1f} {ours['baseline_rss'] / MB:6.0f} "
+                  f"{row['speedup']:5.1f}x {row['speedup_process']:5.1f}x {row.get('speedup_floor', float('nan')):5.1f}x "
+                  f"{ours['peak_rss_above'] / MB:8.1f} {ours['baseline_rss'] / MB:6.0f} "
                   f"{row['ours_rss_ratio']:6.2f} {row['ours_rss_abs_ratio']:6.1f} {usual['peak_rss_above'] / MB:9.1f} "
                   f"{row['usual_rss_ratio']:6.2f}", flush=True)
         else:
@@ -256,8 +289,9 @@ def summarize_files(results: list[dict]) -> dict:
     big = [r for r in ours if r["size"] > 5 * MB]
     return {
         "rows": len(results), "rows_measured": len(both),
-        "failed": [{"file": r["label"], "ours": r.get("ours_error"), "usual": r.get("usual_error")}
-                   for r in results if not r.get("ours") or not r.get("usual")],
+        "failed": [{"file": r["label"], "ours": r.get("ours_error"), "usual": r.get("usual_error"),
+                    "floor": r.get("floor_error")}
+                   for r in results if not r.get("ours") or not r.get("usual") or not r.get("floor")],
         "min_speedup": min((r["speedup"] for r in both), default=None),
         "median_speedup": statistics.median(r["speedup"] for r in both) if both else None,
         "rows_speedup_ge_target": sum(r["speedup"] >= SPEED_TARGET for r in both),
@@ -265,6 +299,9 @@ def summarize_files(results: list[dict]) -> dict:
         "median_speedup_process": statistics.median(r["speedup_process"] for r in both) if both else None,
         "rows_speedup_process_ge_target": sum(r["speedup_process"] >= SPEED_TARGET for r in both),
         "median_ours_stages_s": _median_stages([r["ours"]["stages_best"] for r in ours]),
+        "max_speedup_floor": max((r["speedup_floor"] for r in results if r.get("speedup_floor")), default=None),
+        "median_speedup_floor": (statistics.median(r["speedup_floor"] for r in results if r.get("speedup_floor"))
+                                 if any(r.get("speedup_floor") for r in results) else None),
         "max_ours_rss_ratio": max((r["ours_rss_ratio"] for r in ours), default=None),
         "max_ours_rss_ratio_over_5mb": max((r["ours_rss_ratio"] for r in big), default=None),
         "rows_rss_above_base_le_target": sum(r["ours_rss_ratio"] <= RSS_TARGET for r in ours),
@@ -443,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         side, a, b, c, repeat = args.child
-        data = _child_ours(a, b, c, int(repeat)) if side == "ours" else _child_usual(a, b, c, int(repeat))
+        data = CHILDREN[side](a, b, c, int(repeat))
         print(json.dumps(data))
         return 0
 
@@ -463,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"speed usual/ours, fresh process (imports + first conversion): min "
                   f"{summary['min_speedup_process']:.1f}x, median {summary['median_speedup_process']:.1f}x; "
                   f"{summary['rows_speedup_process_ge_target']}/{summary['rows_measured']} rows >= {SPEED_TARGET:g}x")
+            if summary["median_speedup_floor"] is not None:
+                print(f"floor (read + write every array, no rules): usual/floor median "
+                      f"{summary['median_speedup_floor']:.1f}x, max {summary['max_speedup_floor']:.1f}x")
             print("ours, median seconds per stage: " + ", ".join(
                 f"{k} {v:.3f}" for k, v in summary["median_ours_stages_s"].items()))
             print(f"ours peak RSS above the import baseline / file size: max {summary['max_ours_rss_ratio']:.2f} "

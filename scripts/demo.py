@@ -64,9 +64,11 @@ def read_page(page: np.ndarray, det, cls, rec) -> list[tuple[tuple[int, int, int
     results = []
     for region in db_regions(prob, thresh=det_cfg["postprocess"]["thresh"])[0]:
         x0, y0, x1, y1 = region.box
-        w, h = x1 - x0 + 1, y1 - y0 + 1  # the DB map is shrunk text: grow the box back like DB's unclip
-        pad = int(round(w * h * det_cfg["postprocess"]["unclip_ratio"] / (2 * (w + h))))
-        crop = page[max(0, y0 - pad):y1 + pad + 1, max(0, x0 - pad):x1 + pad + 1]
+        # The DB map covers the shrunk text core: grow the box back by DB's unclip distance (area * ratio /
+        # perimeter) sideways, and by the core's height up and down (ascenders and descenders).
+        w, h = x1 - x0 + 1, y1 - y0 + 1
+        pad_x = int(round(w * h * det_cfg["postprocess"]["unclip_ratio"] / (2 * (w + h))))
+        crop = page[max(0, y0 - h):y1 + h + 1, max(0, x0 - pad_x):x1 + pad_x + 1]
         _, height, width = cls_cfg["preprocess"]["image_shape"]
         with torch.inference_mode():
             direction = cls(torch.from_numpy(parity.rec_input(crop, height, width)))[0]

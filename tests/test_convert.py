@@ -322,3 +322,47 @@ def test_real_cls_model_from_rapidocr(real_models, tmp_path):
     assert result.parity["passed"] and result.max_abs_diff <= 1e-5
     digest = hashlib.sha256((real_models / "ch_ppocr_mobile_v2_cls_infer" / "inference.pdiparams").read_bytes())
     assert result.source_sha256 == digest.hexdigest()
+
+
+@pytest.mark.paddle
+@pytest.mark.slow
+def test_train_form_of_a_v4_checkpoint_keeps_the_branches_and_passes_parity(tmp_path):
+    row = "ch_PP-OCRv4_det"
+    result = pipeline.convert(fixture_data.train_tar(row), out=tmp_path / "train", train_form=True,
+                              reference=fixture_data.infer_tar(row))
+    assert (result.artifact, result.form, result.status) == ("trained", "train", "converted")
+    config = json.loads((result.out / "config.json").read_text())
+    assert config["form"] == "train" and config["ocrconv"]["form"] == "train"
+    with safe_open(str(result.out / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert any(".conv_kxk." in k for k in keys) and not any("reparam_conv" in k for k in keys)
+    data = json.loads((result.out / "parity.json").read_text())
+    assert data["passed"] and data["tolerance"]["atol"] == pipeline.ATOL_TRAIN_FORM
+    weights = data["weights_vs_inference"]  # compared in the deploy form: the release holds fused convs
+    assert weights["identical"] and weights["max_abs_diff"] < 1e-5
+    assert all(k.startswith("head.thresh.") for k in weights["only_trained"])
+    with pytest.raises(FamilyError, match="cannot convert to the training form"):
+        pipeline.convert(fixture_data.infer_tar(row), out=tmp_path / "x", train_form=True, check=False)
+
+
+def test_unrecognised_local_checkpoint_asks_for_a_family(tmp_path):
+    ckpt = tmp_path / "my_model.pdparams"
+    ckpt.write_bytes(pickle.dumps({"foo.weight": np.zeros((3, 3), np.float32)}, protocol=2))
+    with pytest.raises(FamilyError, match="pass --family, one of: .*PP-OCRv4_mobile_det.*ppocr_mobile_v2.0_cls"):
+        pipeline.convert(ckpt, out=tmp_path / "x")
+    assert entries(tmp_path) == {ckpt.name}
+
+
+def test_from_pretrained_converts_a_name_once_into_the_cache(mirror_env):
+    from architectures import from_pretrained
+
+    model = from_pretrained(CLS)
+    out = mirror_env / "converted" / CLS
+    assert not model.training and (out / "model.safetensors").is_file()
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    again = from_pretrained(CLS)
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    x = torch.from_numpy(fixture_data.expected(CLS)["x0"])
+    with torch.no_grad():
+        assert torch.equal(model(x), again(x))
+    assert from_pretrained(out).ocrconv_config["family"] == CLS_FAMILY

@@ -131,9 +131,11 @@ def test_compare_state_dicts_reports_per_tensor_distance():
     assert not result["identical"] and result["differing_tensors"] == 1
     assert result["max_abs_diff"] == pytest.approx(0.25)
     assert result["tensors"][0]["key"] == "b" and result["only_trained"] == ["extra"]
-    assert "1/2 tensors equal" in result["summary"]
-    same = parity.compare_state_dicts({"w": torch.ones(2)}, {"w": torch.ones(2) + 1e-7})
-    assert same["identical"]
+    assert "1/2 tensors equal" in result["summary"] and "1 only in the trained conversion" in result["summary"]
+    same = parity.compare_state_dicts({"w": torch.ones(2), "thresh": torch.ones(1)}, {"w": torch.ones(2) + 1e-7})
+    assert same["identical"] and same["only_trained"] == ["thresh"]
+    missing = parity.compare_state_dicts({"w": torch.ones(2)}, {"w": torch.ones(2), "other": torch.ones(1)})
+    assert not missing["identical"] and missing["only_inference"] == ["other"]
 
 
 def test_missing_paddle_is_a_parity_error_with_the_install_hint(monkeypatch):

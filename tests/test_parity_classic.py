@@ -136,6 +136,29 @@ def test_dropped_keys_are_named_per_artifact():
     assert conversion("en_number_mobile_v2.0_rec", "inference").config["head"]["out_channels"] == 97
 
 
+@pytest.mark.parametrize("row,architecture", [
+    ("ch_PP-OCRv2_det", ("DetResNet_vd", "DBFPN", "DBHead")),
+    ("ch_PP-OCRv3_det", ("DetResNet_vd", "LKPAN", "DBHead")),
+    ("ch_PP-OCRv2_rec", ("MobileNetV1Enhance", "SequenceEncoder", "CTCHead")),
+    ("ch_PP-OCRv3_rec", ("MobileNetV1Enhance", None, "MultiHead")),
+])
+def test_distillation_teacher_of_the_trained_checkpoint(row, architecture):
+    """The Teacher sub-model of PaddleOCR's own distillation checkpoint loads strictly (every key, every shape)."""
+    weights = paddle_io.load(fixture_data.train_tar(row))
+    result = convert(weights, ROWS[row], submodel="Teacher")
+    assert tuple((result.config.get(p) or {}).get("name") for p in ("backbone", "neck", "head")) == architecture
+    teacher_keys = [k for k in weights if k.startswith("Teacher.")]
+    used = {source for source, _new, _rule in result.renamed} | {
+        "Teacher." + k for k in result.state_dict if "Teacher." + k in weights}
+    dropped = {key for key, _shape, _rule in result.dropped}
+    assert set(teacher_keys) <= used | dropped
+    assert not any(k.startswith("Teacher.") and rule == "other_submodel" for k, _s, rule in result.dropped)
+    student = conversion(row, "trained").state_dict
+    differing = [k for k in student if k in result.state_dict and student[k].shape == result.state_dict[k].shape
+                 and not k.endswith("num_batches_tracked") and not torch.equal(student[k], result.state_dict[k])]
+    assert differing  # the teacher's weights, not the student's
+
+
 # ----------------------------------------------------------------------------------------------------
 # 2. Against Paddle's inference program
 

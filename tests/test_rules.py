@@ -124,17 +124,33 @@ def test_distillation_prefixes_are_accepted_and_other_submodels_dropped(template
     assert all(shape == teacher[k].shape for k, shape, _ in conversion.dropped if k in teacher)
 
 
-def test_student2_can_be_selected_but_not_the_teacher(templates):
+def test_student2_and_teacher_can_be_selected(templates):
     student = paddle_state(templates["PP-OCRv3_det"], prefix="Student.", seed=1)
     student2 = paddle_state(templates["PP-OCRv3_det"], prefix="Student2.", seed=3)
-    teacher = {"Teacher.backbone.conv1_1._conv.weight": np.zeros((32, 3, 3, 3), np.float32)}
+    teacher_config = architectures.family_config("PP-OCRv3_det")
+    teacher_config.update(rules.RULES["PP-OCRv3_det"].submodel_configs["Teacher."])
+    teacher_model = architectures.build(teacher_config)
+    teacher = paddle_state(teacher_model, prefix="Teacher.", seed=4)
     weights = {**student, **student2, **teacher}
+    assert_loaded(convert(weights, "PP-OCRv3_det"), expected_torch(templates["PP-OCRv3_det"], student, "Student."))
     conversion = convert(weights, "PP-OCRv3_det", submodel="Student2")
     assert_loaded(conversion, expected_torch(templates["PP-OCRv3_det"], student2, "Student2."))
-    with pytest.raises(FamilyError, match="Teacher"):
-        convert(weights, "PP-OCRv3_det", submodel="Teacher")
+    conversion = convert(weights, "PP-OCRv3_det", submodel="Teacher")
+    assert_loaded(conversion, expected_torch(teacher_model, teacher, "Teacher."))
+    assert conversion.config["backbone"] == {"name": "DetResNet_vd", "layers": 50}
+    assert conversion.model.head.binarize.conv1.kernel_size == (7, 7)
+    assert {k.split(".")[0] for k, *_ in conversion.dropped} == {"Student", "Student2"}
+    with pytest.raises(FamilyError, match="sub-model 'Student3' cannot be converted"):
+        convert(weights, "PP-OCRv3_det", submodel="Student3")
     with pytest.raises(FamilyError, match="no sub-model 'Student2'"):
         convert(student, "PP-OCRv3_det", submodel="Student2")
+
+
+def test_recognition_teacher_shares_the_student_architecture(templates):
+    student = paddle_state(templates["PP-OCRv2_rec"], prefix="Student.", seed=1)
+    teacher = paddle_state(templates["PP-OCRv2_rec"], prefix="Teacher.", seed=2)
+    conversion = convert({**student, **teacher}, "PP-OCRv2_rec", submodel="Teacher")
+    assert_loaded(conversion, expected_torch(templates["PP-OCRv2_rec"], teacher, "Teacher."))
 
 
 def test_sar_head_is_dropped_by_name(templates):

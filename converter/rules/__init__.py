@@ -78,7 +78,9 @@ class FamilyRules:
     architecture); their keys, like those of every unselected sub-model, go by rule ``other_submodel``.
     ``drops``: ``(rule_name, regex)`` on stripped Paddle names. ``renames``: ``(rule_name, regex,
     replacement)`` applied in order. ``transforms``: ``fn(state, ctx) -> state`` run after the renames.
-    ``post_load``: ``fn(model, ctx)`` run after the strict load.
+    ``post_load``: ``fn(model, ctx)`` run after the strict load. ``submodel_configs``: for a selectable
+    sub-model of another architecture (e.g. a distillation Teacher), prefix -> config sections
+    (``backbone`` / ``neck`` / ``head`` ...) that replace the family's.
     """
 
     family: str
@@ -91,9 +93,14 @@ class FamilyRules:
     post_load: tuple[Callable[[nn.Module, "ConversionContext"], None], ...] = ()
     class_count: ClassCount | None = None
     optional_branches: tuple[OptionalBranch, ...] = ()
+    submodel_configs: Mapping[str, Mapping] = field(default_factory=dict)
+
+    def selectable(self) -> tuple[str, ...]:
+        """Prefixes ``convert(submodel=...)`` accepts."""
+        return (*self.prefixes, *self.alternates, *self.submodel_configs)
 
     def known_prefixes(self) -> tuple[str, ...]:
-        return tuple(p for p in (*self.prefixes, *self.alternates, *self.foreign_prefixes) if p)
+        return tuple(dict.fromkeys(p for p in (*self.selectable(), *self.foreign_prefixes) if p))
 
 
 @dataclass
@@ -207,10 +214,10 @@ def _select_prefix(keys: list[str], rules: FamilyRules, submodel: str | None) ->
     present = sorted({p for p in known if any(k.startswith(p) for k in keys)})
     if submodel is not None:
         wanted = submodel if submodel.endswith(".") or submodel == "" else submodel + "."
-        if wanted not in (*rules.prefixes, *rules.alternates):
+        if wanted not in rules.selectable():
             raise FamilyError(
-                f"{rules.family}: sub-model {submodel!r} cannot be converted with this family's architecture; "
-                f"selectable: {[p.rstrip('.') for p in (*rules.prefixes, *rules.alternates) if p]}")
+                f"{rules.family}: sub-model {submodel!r} cannot be converted (its architecture is not known "
+                f"to ocrconv); selectable: {[p.rstrip('.') for p in rules.selectable() if p]}")
         if wanted and wanted not in present:
             raise FamilyError(f"{rules.family}: the weights have no sub-model {submodel!r} "
                               f"(sub-model prefixes present: {[p.rstrip('.') for p in present] or 'none'})")
@@ -238,6 +245,11 @@ def map_keys(weights: Mapping[str, np.ndarray], rules: FamilyRules, ctx: Convers
     """Steps 1-5 of the pipeline: Paddle names -> PyTorch names (no model needed); updates ``ctx.config``."""
     keys = [k for k in weights]
     ctx.prefix = _select_prefix(keys, rules, submodel)
+    if ctx.prefix in rules.submodel_configs:
+        ctx.config.update(copy.deepcopy(dict(rules.submodel_configs[ctx.prefix])))
+        ctx.notes.append(f"sub-model {ctx.prefix.rstrip('.')}: architecture "
+                         + " / ".join(str((ctx.config.get(part) or {}).get("name", "-"))
+                                      for part in ("backbone", "neck", "head")))
     known = rules.known_prefixes()
     drops = [(name, re.compile(pattern)) for name, pattern in rules.drops]
     renames = [(name, re.compile(pattern), repl) for name, pattern, repl in (*rules.renames, *_GENERIC_RENAMES)]
@@ -402,7 +414,9 @@ def _signature(config: dict) -> dict[str, tuple[int, ...]]:
 
 
 def detect_family(weights: Mapping[str, np.ndarray]) -> str | None:
-    """The family whose rules map ``weights`` exactly onto its model (key names and shapes), or None."""
+    """The first family (in ``RULES`` order) whose rules map ``weights`` exactly onto its model (key names and
+    shapes), or None. Families that share one architecture (ppocr_mobile_v2.0_det and PP-OCRv2_det) cannot be
+    told apart by their weights; the first one is returned."""
     for family, rules in RULES.items():
         try:
             _, ctx, state = _prepare(weights, family, None, "deploy", None)
