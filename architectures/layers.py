@@ -123,8 +123,19 @@ class ConvBNLayer(nn.Module):
         bn = self._modules[self._bn_name]
         if not self.training and not torch.is_grad_enabled():
             weight, bias = self._folded_conv(conv, bn)
-            return self.act(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
+            if self._pointwise and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+                # 1x1 conv on a channels-last map = one GEMM over the (N, H, W, C) view, no layout copies
+                y = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+            else:
+                y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            return self.act(y)
         return self.act(bn(conv(x)))
+
+    @property
+    def _pointwise(self) -> bool:
+        conv = self._modules[self._conv_name]
+        return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding in (
+            (0, 0), 0, "valid")
 
     def _folded_conv(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference fast path (eval mode, gradients off): the batch norm folded into the convolution,

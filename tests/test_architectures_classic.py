@@ -235,3 +235,20 @@ def test_inference_fast_path_folds_batch_norm_and_follows_weight_changes():
     loss = layer(x).sum()
     loss.backward()
     assert layer._conv.weight.grad is not None and float(layer._conv.weight.grad.abs().sum()) > 0
+
+
+def test_pointwise_fast_path_on_channels_last_input_equals_the_convolution():
+    from architectures.layers import ConvBNLayer
+
+    torch.manual_seed(2)
+    layer = ConvBNLayer(16, 24, 1, act="relu").eval()
+    with torch.no_grad():
+        layer.bn.running_mean.uniform_(-1, 1)
+        layer.bn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 16, 5, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fast = layer(x)
+    with torch.enable_grad():
+        reference = layer(x.contiguous()).detach()
+    assert fast.shape == (3, 24, 5, 7)
+    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5)

@@ -210,6 +210,31 @@ def test_reparameterize_matches_the_training_form(det, scale, shape, expected):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_deploy_layer_inference_cache_follows_parameter_changes():
+    """The inference fast path caches lab-folded kernels; in-place edits and load_state_dict must reach it."""
+    torch.manual_seed(4)
+    layer = LearnableRepLayer(6, 6, 3, stride=1, groups=6, form="deploy").eval()
+    x = torch.randn(2, 6, 5, 7)
+
+    def reference():
+        with torch.enable_grad():  # the uncached path
+            return layer(x).detach()
+
+    with torch.no_grad():
+        layer.lab.scale.fill_(1.5)
+        first = layer(x)
+        torch.testing.assert_close(first, reference())
+        layer.lab.scale.mul_(2.0)
+        layer.reparam_conv.bias.add_(0.25)
+        torch.testing.assert_close(layer(x), reference())
+        assert not torch.allclose(layer(x), first)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["lab.bias"] = torch.tensor([0.75])
+    layer.load_state_dict(state)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), reference())
+
+
 def test_fused_kernel_layout_for_depthwise_and_pointwise_layers():
     layer = randomize_batch_norms(LearnableRepLayer(4, 4, 5, stride=1, groups=4, num_conv_branches=2)).eval()
     kernel, bias = layer.fused_kernel_bias()

@@ -366,3 +366,12 @@ def test_from_pretrained_converts_a_name_once_into_the_cache(mirror_env):
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
     assert from_pretrained(out).ocrconv_config["family"] == CLS_FAMILY
+
+
+@pytest.mark.paddle
+def test_check_of_a_named_output_fetches_its_inference_model_through_the_cache(mirror_env, tmp_path):
+    result = pipeline.convert(CLS, out=tmp_path / "named", check=False)
+    assert not (result.out / "parity.json").exists()
+    report = pipeline.check(result.out)
+    assert report.passed and report.to_dict()["reference_program"].startswith(str(mirror_env))
+    assert json.loads((result.out / "parity.json").read_text())["passed"]

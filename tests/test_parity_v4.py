@@ -21,7 +21,7 @@ import torch
 import fixture_data as fd
 from converter import paddle_io
 from converter.errors import FamilyError
-from converter.rules import convert
+from converter.rules import convert, detect_family
 
 ISSUE_ATOL = 1e-5
 FLOOR_MARGIN = 4.0
@@ -235,6 +235,13 @@ def test_release_extra_keys_are_dropped_by_named_rules(row, extra, rule):
     weights.update({k: np.zeros(shape, np.float32) for k, shape in extra.items()})
     conversion = convert(weights, ROWS[row], kind="inference")
     assert sorted(conversion.dropped) == sorted((k, shape, rule) for k, shape in extra.items())
+
+
+@pytest.mark.parametrize("path", [shipped_infer_tar(row) for row in LCNET_ROWS]
+                         + [fd.FIXTURES / "ch_PP-OCRv4_det" / "ch_PP-OCRv4_det_train.tar"], ids=lambda p: p.name)
+def test_detect_family_recognises_fused_and_training_forms(path):
+    row = path.parent.name
+    assert detect_family(paddle_io.load(path)) == ROWS[row]
 
 
 def test_weights_of_another_family_are_refused():

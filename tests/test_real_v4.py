@@ -35,8 +35,8 @@ CJK_FONTS = (
     "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
     "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
 )
-LINES = ["Hello World", "PaddleOCR 2024", "The quick brown fox", "ocrconv: 0.1.0", "你好世界", "中华人民共和国",
-         "深度学习模型转换", "PyTorch模型转换123"]
+LINES = ["Hello World", "PaddleOCR 2024", "The quick brown fox", "ocrconv: 0.1.0",
+         "你好世界", "中华人民共和国", "深度学习模型转换", "PyTorch模型转换123"]
 PAGE = ["PaddleOCR to PyTorch", "你好世界 中华人民共和国", "ocrconv 2026-11-28", "深度学习模型转换"]
 DET_MEAN, DET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -147,7 +147,8 @@ def test_rendered_text_lines_decode_to_the_rendered_strings(real, characters, fo
         check_against(conversion.model, x, [paddle_probs], f"real rec {text!r}")
         with torch.inference_mode():
             ours = conversion.model(torch.from_numpy(x))
-        (paddle_result,), (our_result,) = ctc_greedy_decode(paddle_probs, characters), ctc_greedy_decode(ours, characters)
+        (paddle_result,) = ctc_greedy_decode(paddle_probs, characters)
+        (our_result,) = ctc_greedy_decode(ours, characters)
         assert our_result.text == paddle_result.text == text
         assert our_result.indices == paddle_result.indices
         assert our_result.score == pytest.approx(paddle_result.score, abs=1e-5)

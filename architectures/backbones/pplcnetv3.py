@@ -42,6 +42,14 @@ DET_OUT_CHANNELS = (16, 24, 56, 480)
 FORMS = ("deploy", "train")
 
 
+def _version(tensor: torch.Tensor) -> int:
+    """In-place modification counter of a tensor (-1 for inference tensors, which have none)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
+
+
 def _pair(stride) -> tuple[int, int]:
     return (stride, stride) if isinstance(stride, int) else (int(stride[0]), int(stride[1]))
 
@@ -102,11 +110,12 @@ class LearnableRepLayer(nn.Module):
         else:
             if self.has_identity:
                 self.identity = nn.BatchNorm2d(in_channels, eps=BN_EPS)
-            self.conv_kxk = nn.ModuleList(
-                ConvBNLayer(in_channels, out_channels, kernel_size, stride, groups=groups) for _ in range(num_conv_branches)
-            )
+            self.conv_kxk = nn.ModuleList(ConvBNLayer(in_channels, out_channels, kernel_size, stride, groups=groups)
+                                          for _ in range(num_conv_branches))
             if kernel_size > 1:
                 self.conv_1x1 = ConvBNLayer(in_channels, out_channels, 1, stride, groups=groups)
+        self._folded: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._folded_key: tuple | None = None
         self.lab = LearnableAffineBlock()
         if self.apply_act:  # Paddle also builds it for stride 2 but never runs it (absent from inference programs)
             self.act = Act()
@@ -114,9 +123,9 @@ class LearnableRepLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_repped:
             # lab(conv(x)) with lab's scalar affine folded into the kernel and bias: one pass over the output.
-            conv, lab = self.reparam_conv, self.lab
-            out = F.conv2d(x, conv.weight * lab.scale, torch.addcmul(lab.bias, conv.bias, lab.scale), conv.stride,
-                           conv.padding, conv.dilation, conv.groups)
+            conv = self.reparam_conv
+            weight, bias = self._lab_folded_conv()
+            out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         else:
             # Same summation order as PaddleOCR (identity, 1x1, kxk branches) for the same float32 round-off.
             branches = [self.identity] if self.has_identity else []
@@ -130,6 +139,22 @@ class LearnableRepLayer(nn.Module):
         if self.apply_act:
             out = self.act(out)
         return out
+
+    def _lab_folded_conv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``reparam_conv``'s kernel and bias times ``lab.scale`` (+ ``lab.bias``). At inference (eval mode, no
+        gradients) they are cached in channels-last layout (oneDNN's fastest, depthwise convolutions above all)
+        and recomputed whenever one of the four tensors is replaced or modified in place."""
+        conv, lab = self.reparam_conv, self.lab
+        if self.training or torch.is_grad_enabled():
+            return conv.weight * lab.scale, torch.addcmul(lab.bias, conv.bias, lab.scale)
+        tensors = (conv.weight, conv.bias, lab.scale, lab.bias)
+        key = tuple((t.data_ptr(), _version(t), t.dtype, t.device) for t in tensors)
+        if self._folded_key != key:
+            with torch.inference_mode(False), torch.no_grad():
+                weight = (conv.weight * lab.scale).contiguous(memory_format=torch.channels_last)
+                self._folded = (weight, torch.addcmul(lab.bias, conv.bias, lab.scale))
+            self._folded_key = key
+        return self._folded
 
     def fused_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The deploy-form kernel and bias (computed in float64) equivalent to the training branches."""
@@ -149,7 +174,7 @@ class LearnableRepLayer(nn.Module):
         if self.has_identity:
             input_dim = self.in_channels // self.groups
             one_hot = torch.zeros_like(kernel)
-            channels = torch.arange(self.in_channels)
+            channels = torch.arange(self.in_channels, device=kernel.device)
             one_hot[channels, channels % input_dim, centre, centre] = 1.0
             k, b = _fuse_conv_bn(one_hot, self.identity)
             kernel += k

@@ -18,11 +18,7 @@ MODES = {"large": 4, "small": 8}  # mode -> divisor of in_channels for LocalModu
 
 
 class LocalModule(nn.Module):
-    """Concatenate [init_map, feature], 3x3 conv-BN-ReLU (``last_3``), 1x1 conv to one channel (``last_1``).
-
-    In eval mode the concatenation is not materialised: the 3x3 conv is split into its one-channel and
-    feature parts (an odd 65-channel input is slow in oneDNN) and the BN is folded into it.
-    """
+    """Concatenate [init_map, feature], 3x3 conv-BN-ReLU (``last_3``), 1x1 conv to one channel (``last_1``)."""
 
     def __init__(self, in_channels: int, mid_channels: int) -> None:
         super().__init__()
@@ -30,14 +26,7 @@ class LocalModule(nn.Module):
         self.last_1 = nn.Conv2d(mid_channels, 1, 1)
 
     def forward(self, feature: torch.Tensor, init_map: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return self.last_1(self.last_3(torch.cat([init_map, feature], dim=1)))
-        conv, bn = self.last_3.conv, self.last_3.bn
-        scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-        weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-        out = F.conv2d(feature, weight[:, 1:], bn.bias - bn.running_mean * scale, padding=conv.padding)
-        out = out + F.conv2d(init_map, weight[:, :1], padding=conv.padding)
-        return self.last_1(torch.relu_(out))
+        return self.last_1(self.last_3(torch.cat([init_map, feature], dim=1)))
 
 
 @register()
