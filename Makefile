@@ -9,7 +9,7 @@ TORCH_SPEC  := torch==2.13.0
 TORCH_INDEX ?= $(if $(wildcard /opt/wheels/torch-2.13.0+cpu*),,--index-url https://download.pytorch.org/whl/cpu)
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev test demo bench clean
+.PHONY: install install-dev system-fonts test demo bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,16 @@ install: $(VENV)/.torch
 install-dev: $(VENV)/.torch
 	$(PIP) install -q -e ".[parity,demo,test]"
 
+## system-fonts: a CJK font for the real-weight tests that render Chinese text (Debian's fonts-wqy-microhei).
+## Installed with apt-get when missing and we are root; otherwise a notice (those tests then skip, or fail under CI=true).
+system-fonts:
+	@if [ -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && apt-get install -y -qq fonts-wqy-microhei) >/dev/null; \
+	else echo "notice: install fonts-wqy-microhei for the Chinese rendered-text tests"; fi
+
 ## test: set up and run the whole test-suite (CI runs exactly this)
-test: install-dev
+test: install-dev system-fonts
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 ## demo: the main job — convert the real PP-OCRv4 det/rec models, check parity with Paddle, recognise a text line

@@ -5,8 +5,8 @@ For each family the inference model of its reference fixture row (``../shared/fi
 release architecture; graph rows are materialized once) is converted with ``converter.rules.convert`` (deploy
 form) and timed next to Paddle Inference running the same program with its default CPU optimisations (IR passes,
 oneDNN). Same thread count on both sides (1 and 2 by default), the same input, warm-up excluded, median of
-``--runs`` timed calls (``--server-runs`` for the server models), PyTorch and Paddle calls alternating so that
-both see the same background load.
+``--runs`` timed calls (``--server-runs`` for the server models); PyTorch and Paddle take turns in blocks of runs
+so that both see the same background load.
 
 Inputs: det 1x3x640x640; rec 1x3xHx320 and 8x3xHx320 (H = 32 for the CRNN v2.0 / PP-OCRv2 families, else 48);
 cls 8x3x48x192. PyTorch runs under ``torch.inference_mode()``; ``--channels-last`` converts model and input.
@@ -24,10 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("FLAGS_enable_pir_api", "0")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -35,7 +33,7 @@ sys.path.insert(0, str(REPO / "tests"))
 import fixture_data  # noqa: E402
 
 import architectures  # noqa: E402
-from converter import paddle_io  # noqa: E402
+from converter import paddle_io, parity  # noqa: E402
 from converter.rules import convert  # noqa: E402
 
 # family -> fixture row whose inference model has that family's architecture
@@ -79,6 +77,7 @@ class PaddlePredictor:
     """Paddle Inference with its default CPU configuration (IR optimisation and oneDNN on)."""
 
     def __init__(self, prefix: Path, threads: int):
+        parity.import_paddle()  # keeps Paddle's import from reconfiguring the root logger
         from paddle import inference
 
         config = inference.Config(str(prefix) + ".pdmodel", str(prefix) + ".pdiparams")
@@ -97,18 +96,23 @@ class PaddlePredictor:
         return [out.copy_to_cpu() for out in self.outputs]
 
 
-def _median_seconds(fns, warmup: int, runs: int) -> list[float]:
-    """Median wall time of each callable; the callables alternate run by run so that they share the machine's
-    load (other processes) fairly."""
+def _median_seconds(fns, warmup: int, runs: int, blocks: int = 4) -> list[float]:
+    """Median wall time of each callable. The callables take turns in ``blocks`` blocks of consecutive runs, so
+    that both see the same background load; a pause before each block lets the other runtime's OpenMP worker
+    threads stop spinning (interleaving single calls makes two multi-threaded runtimes fight for the cores)."""
     for fn in fns:
         for _ in range(warmup):
             fn()
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(runs):
+    per_block = [runs // blocks + (1 if i < runs % blocks else 0) for i in range(blocks)]
+    for count in per_block:
         for fn, bucket in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            bucket.append(time.perf_counter() - start)
+            time.sleep(0.3)
+            fn()  # re-warm caches after the pause, untimed
+            for _ in range(count):
+                start = time.perf_counter()
+                fn()
+                bucket.append(time.perf_counter() - start)
     return [statistics.median(bucket) for bucket in times]
 
 

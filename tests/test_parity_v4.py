@@ -25,7 +25,7 @@ from converter.rules import convert, detect_family
 
 ISSUE_ATOL = 1e-5
 FLOOR_MARGIN = 4.0
-MAX_FLOOR = 5e-4
+MAX_FLOOR = 1e-3
 
 ROWS = {  # fixture row -> family
     "ch_PP-OCRv4_det": "PP-OCRv4_mobile_det",

@@ -6,7 +6,7 @@ The NRTR branch of the rec MultiHead (``gtc_head`` / ``before_gtc``) only trains
 """
 from __future__ import annotations
 
-from architectures.families.classic import _CTC_POST, _DB_POST, _DET_PRE, _rec_pre
+from architectures.families.classic import CTC_POSTPROCESS, DB_POSTPROCESS, DET_PREPROCESS, rec_preprocess
 
 _V4_CTC_NECK = {"encoder_type": "svtr", "dims": 120, "depth": 2, "hidden_dims": 120, "use_guide": True,
                 "kernel_size": [1, 3]}
@@ -17,31 +17,31 @@ FAMILIES: dict[str, dict] = {
         "backbone": {"name": "PPLCNetV3", "scale": 0.75, "det": True},
         "neck": {"name": "RSEFPN", "out_channels": 96, "shortcut": True},
         "head": {"name": "DBHead", "k": 50},
-        "preprocess": dict(_DET_PRE),
-        "postprocess": dict(_DB_POST),
+        "preprocess": dict(DET_PREPROCESS),
+        "postprocess": dict(DB_POSTPROCESS),
     },
     "PP-OCRv4_server_det": {
         "task": "det",
         "backbone": {"name": "PPHGNet_small", "det": True},
         "neck": {"name": "LKPAN", "out_channels": 256, "intracl": True},
         "head": {"name": "PFHeadLocal", "k": 50, "mode": "large"},
-        "preprocess": dict(_DET_PRE),
-        "postprocess": dict(_DB_POST),
+        "preprocess": dict(DET_PREPROCESS),
+        "postprocess": dict(DB_POSTPROCESS),
     },
     "PP-OCRv4_mobile_rec": {
         "task": "rec",
         "backbone": {"name": "PPLCNetV3", "scale": 0.95},
         "neck": None,
         "head": {"name": "MultiHead", "out_channels": 6625, "ctc_neck": dict(_V4_CTC_NECK), "ctc_head": {}},
-        "preprocess": _rec_pre(48),
-        "postprocess": dict(_CTC_POST),
+        "preprocess": rec_preprocess(48),
+        "postprocess": dict(CTC_POSTPROCESS),
     },
     "PP-OCRv4_server_rec": {
         "task": "rec",
         "backbone": {"name": "PPHGNet_small"},
         "neck": None,
         "head": {"name": "MultiHead", "out_channels": 6625, "ctc_neck": dict(_V4_CTC_NECK), "ctc_head": {}},
-        "preprocess": _rec_pre(48),
-        "postprocess": dict(_CTC_POST),
+        "preprocess": rec_preprocess(48),
+        "postprocess": dict(CTC_POSTPROCESS),
     },
 }
