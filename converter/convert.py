@@ -215,14 +215,14 @@ def usage_facts(config: dict) -> dict:
     return merged
 
 
-def head_classes(model: torch.nn.Module, config: dict) -> int:
-    """Class count of a rec model, read from its output on a small input."""
-    height = int(config["preprocess"]["image_shape"][1])
-    x = torch.zeros(1, 3, height, 64, dtype=next(model.parameters()).dtype)
-    with torch.inference_mode():
-        out = model(x)
-    out = out[0] if isinstance(out, (list, tuple)) else out
-    return int(out.shape[-1])
+def head_classes(family: str, config: dict) -> int:
+    """Class count of a rec model: the value the rules read from the checkpoint's head into the config."""
+    from converter import rules
+
+    value = config
+    for key in rules.RULES[family].class_count.config_path:
+        value = value[key]
+    return int(value)
 
 
 def _resolve_dictionary(source: _Source, family: str, num_classes: int, dictionary: str | None):
@@ -342,7 +342,7 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
 
     characters = None
     if config["task"] == "rec":
-        num_classes = head_classes(conversion.model, config)
+        num_classes = head_classes(fam, config)
         resolved = _resolve_dictionary(source, fam, num_classes, dictionary)
         config["postprocess"].update(resolved.postprocess_facts())
         characters = resolved.characters
@@ -530,7 +530,7 @@ def check(target: str | os.PathLike, *, reference: str | os.PathLike | None = No
     config = usage_facts(conversion.config)
     characters = None
     if config["task"] == "rec":
-        resolved = _resolve_dictionary(source, fam, head_classes(conversion.model, config), None)
+        resolved = _resolve_dictionary(source, fam, head_classes(fam, config), None)
         config["postprocess"].update(resolved.postprocess_facts())
         characters = resolved.characters
     with tempfile.TemporaryDirectory(prefix="ocrconv-check-") as scratch:

@@ -380,7 +380,7 @@ def convert(weights: Mapping[str, np.ndarray], family: str, *, submodel: str | N
     ``weights.kind`` when present. Raises FamilyError / KeyMismatchError; never returns a partial model.
     """
     rules, ctx, state = _prepare(weights, family, submodel, form, kind)
-    model = architectures.build(ctx.config)
+    model = architectures.build(ctx.config, init_weights=False)  # a strict load overwrites every tensor
     model_sd, tensors, transposed, added, missing, unexpected, wrong_shape = _fit(model, state, ctx)
     if missing or unexpected or wrong_shape:
         guess = detect_family(weights)
