@@ -35,6 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import architectures  # noqa: E402
+from architectures.postprocess import ctc_greedy_decode  # noqa: E402
+from converter.parity import rec_input  # noqa: E402
 from architectures.pretrained import (CONFIG_FILE, WEIGHTS_FILE, architecture_config, load_pretrained,  # noqa: E402
                                      read_config)
 
@@ -103,33 +105,6 @@ def render_line(text: str, height: int) -> np.ndarray:
     return np.asarray(image)[:, :, ::-1].copy()
 
 
-def rec_input(image: np.ndarray, height: int, width: int = REC_WIDTH) -> np.ndarray:
-    """PaddleOCR's rec resize + normalisation: keep aspect ratio to ``height``, width <= ``width``, pad right."""
-    from PIL import Image
-
-    h, w = image.shape[:2]
-    new_w = min(width, max(1, int(np.ceil(height * w / h))))
-    resized = np.asarray(Image.fromarray(image).resize((new_w, height), Image.BILINEAR), dtype=np.float32)
-    chw = (resized.transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
-    out = np.zeros((3, height, width), dtype=np.float32)
-    out[:, :, :new_w] = chw
-    return out
-
-
-def ctc_greedy(probs: np.ndarray, characters: list[str]) -> tuple[list[str], np.ndarray]:
-    """Greedy CTC decoding of (N, T, C) probabilities; (strings, argmax indices)."""
-    best = probs.argmax(-1)
-    texts = []
-    for row in best:
-        chars, previous = [], -1
-        for index in row:
-            if index != previous and index != 0 and index - 1 < len(characters):
-                chars.append(characters[index - 1])
-            previous = index
-        texts.append("".join(chars))
-    return texts, best
-
-
 def _first(output):
     return output[-1] if isinstance(output, (list, tuple)) else output
 
@@ -139,7 +114,7 @@ def fp16_agreement(model32: torch.nn.Module, model16: torch.nn.Module, config: d
     task = config["task"]
     height, width = input_hw(config)
     if task == "rec":
-        batch = np.stack([rec_input(render_line(t, height), height, width) for t in TEXT_LINES])
+        batch = np.concatenate([rec_input(render_line(t, height), height, width) for t in TEXT_LINES])
     else:
         batch = np.random.RandomState(0).uniform(0, 1, (2, 3, height, width)).astype(np.float32)
     x = torch.from_numpy(batch).to(device)
@@ -150,8 +125,8 @@ def fp16_agreement(model32: torch.nn.Module, model16: torch.nn.Module, config: d
     if task == "rec":
         characters = model32.characters
         if characters is not None:
-            s32, a32 = ctc_greedy(y32, characters)
-            s16, a16 = ctc_greedy(y16, characters)
+            s32, a32 = [r.text for r in ctc_greedy_decode(y32, characters)], y32.argmax(-1)
+            s16, a16 = [r.text for r in ctc_greedy_decode(y16, characters)], y16.argmax(-1)
             result.update({"strings_identical": s32 == s16, "fp32": s32, "fp16": s16,
                            "frame_argmax_agreement": float((a32 == a16).mean()), "lines": TEXT_LINES,
                            "fp32_reads_lines": sum(a.strip() == b for a, b in zip(s32, TEXT_LINES))})

@@ -36,7 +36,7 @@ class MobileNetV1Enhance(nn.Module):
     """MobileNetV1Enhance; ``last_pool_type`` "max" (PP-OCRv2, 2x2) or "avg" (PP-OCRv3, ``last_pool_kernel_size``)."""
 
     def __init__(self, in_channels=3, scale=0.5, last_conv_stride=1, last_pool_type="max",
-                 last_pool_kernel_size=(2, 2), **_ignored):
+                 last_pool_kernel_size=(2, 2)):
         super().__init__()
         self.conv1 = _conv_bn(in_channels, int(32 * scale), 3, 2, 1)
         s = scale

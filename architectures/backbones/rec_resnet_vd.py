@@ -5,21 +5,16 @@ import torch
 from torch import nn
 
 from architectures.backbones import register
-from architectures.backbones.resnet_vd import _DEPTHS, NUM_FILTERS, BasicBlock, BottleneckBlock, VdConvBNLayer
+from architectures.backbones.resnet_vd import NUM_FILTERS, BasicBlock, BottleneckBlock, VdConvBNLayer, stage_plan
 
 
 @register("RecResNet_vd")
 class RecResNet_vd(nn.Module):
     """Recognition ResNet_vd (ResNet34_vd in the server v2.0 rec model)."""
 
-    def __init__(self, in_channels=3, layers=34, **_ignored):
+    def __init__(self, in_channels=3, layers=34):
         super().__init__()
-        if layers not in _DEPTHS:
-            raise ValueError(f"ResNet layers must be one of {sorted(_DEPTHS)}, got {layers}")
-        depth = _DEPTHS[layers]
-        bottleneck = layers >= 50
-        num_channels = [64, 256, 512, 1024] if bottleneck else [64, 64, 128, 256]
-        expansion = 4 if bottleneck else 1
+        depth, bottleneck, num_channels, expansion = stage_plan(layers)
         self.conv1_1 = VdConvBNLayer(in_channels, 32, 3, act="relu")
         self.conv1_2 = VdConvBNLayer(32, 32, 3, act="relu")
         self.conv1_3 = VdConvBNLayer(32, 64, 3, act="relu")

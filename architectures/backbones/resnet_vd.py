@@ -13,6 +13,15 @@ _DEPTHS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23,
 NUM_FILTERS = [64, 128, 256, 512]
 
 
+def stage_plan(layers: int) -> tuple[list[int], bool, list[int], int]:
+    """Blocks per stage, bottleneck or basic, each stage's input channels and the block expansion for ``layers``."""
+    if layers not in _DEPTHS:
+        raise ValueError(f"ResNet_vd layers must be one of {sorted(_DEPTHS)}, got {layers}")
+    bottleneck = layers >= 50
+    num_channels = [64, 256, 512, 1024] if bottleneck else [64, 64, 128, 256]
+    return _DEPTHS[layers], bottleneck, num_channels, 4 if bottleneck else 1
+
+
 class VdConvBNLayer(ConvBNLayer):
     """ResNet_vd conv-BN(-ReLU) with ``_conv``/``_batch_norm`` names; in vd mode an exclusive,
     ceil-mode average pool (kernel = stride = ``pool``) runs first."""
@@ -67,14 +76,9 @@ class BottleneckBlock(nn.Module):
 class DetResNet_vd(nn.Module):
     """Detection ResNet_vd: 3x3 stem, max pool, four stages; returns the outputs of ``out_indices``."""
 
-    def __init__(self, in_channels=3, layers=50, out_indices=None, **_ignored):
+    def __init__(self, in_channels=3, layers=50, out_indices=None):
         super().__init__()
-        if layers not in _DEPTHS:
-            raise ValueError(f"ResNet_vd layers must be one of {sorted(_DEPTHS)}, got {layers}")
-        depth = _DEPTHS[layers]
-        bottleneck = layers >= 50
-        num_channels = [64, 256, 512, 1024] if bottleneck else [64, 64, 128, 256]
-        expansion = 4 if bottleneck else 1
+        depth, bottleneck, num_channels, expansion = stage_plan(layers)
         self.out_indices = list(out_indices) if out_indices is not None else [0, 1, 2, 3]
         self.conv1_1 = VdConvBNLayer(in_channels, 32, 3, stride=2, act="relu")
         self.conv1_2 = VdConvBNLayer(32, 32, 3, act="relu")

@@ -16,77 +16,53 @@ def rec_preprocess(height: int) -> dict:
             "channel_order": "BGR"}
 
 
-_MV3_LARGE_DET = {"name": "DetMobileNetV3", "model_name": "large", "scale": 0.5, "disable_se": True}
+def det_family(backbone: dict, neck: dict, head: dict) -> dict:
+    """A detection family config with PaddleOCR's DB pre- and post-processing."""
+    return {"task": "det", "backbone": backbone, "neck": neck, "head": head,
+            "preprocess": dict(DET_PREPROCESS), "postprocess": dict(DB_POSTPROCESS)}
+
+
+def rec_family(backbone: dict, neck: dict | None, head: dict, height: int) -> dict:
+    """A CTC recognition family config for input ``height`` (32 for CRNN-era models, 48 for SVTR-era ones)."""
+    return {"task": "rec", "backbone": backbone, "neck": neck, "head": head,
+            "preprocess": rec_preprocess(height), "postprocess": dict(CTC_POSTPROCESS)}
+
+
+def _mv3_large_det() -> dict:
+    return {"name": "DetMobileNetV3", "model_name": "large", "scale": 0.5, "disable_se": True}
+
+
+def _db_head() -> dict:
+    return {"name": "DBHead", "k": 50}
+
+
+def _rnn_neck(hidden_size: int) -> dict:
+    return {"name": "SequenceEncoder", "encoder_type": "rnn", "hidden_size": hidden_size}
+
 
 FAMILIES: dict[str, dict] = {
-    "ppocr_mobile_v2.0_det": {
-        "task": "det",
-        "backbone": dict(_MV3_LARGE_DET),
-        "neck": {"name": "DBFPN", "out_channels": 96},
-        "head": {"name": "DBHead", "k": 50},
-        "preprocess": dict(DET_PREPROCESS),
-        "postprocess": dict(DB_POSTPROCESS),
-    },
-    "ppocr_server_v2.0_det": {
-        "task": "det",
-        "backbone": {"name": "DetResNet_vd", "layers": 18},
-        "neck": {"name": "DBFPN", "out_channels": 256},
-        "head": {"name": "DBHead", "k": 50},
-        "preprocess": dict(DET_PREPROCESS),
-        "postprocess": dict(DB_POSTPROCESS),
-    },
-    "PP-OCRv2_det": {
-        "task": "det",
-        "backbone": dict(_MV3_LARGE_DET),
-        "neck": {"name": "DBFPN", "out_channels": 96},
-        "head": {"name": "DBHead", "k": 50},
-        "preprocess": dict(DET_PREPROCESS),
-        "postprocess": dict(DB_POSTPROCESS),
-    },
-    "PP-OCRv3_det": {
-        "task": "det",
-        "backbone": dict(_MV3_LARGE_DET),
-        "neck": {"name": "RSEFPN", "out_channels": 96, "shortcut": True},
-        "head": {"name": "DBHead", "k": 50},
-        "preprocess": dict(DET_PREPROCESS),
-        "postprocess": dict(DB_POSTPROCESS),
-    },
-    "ppocr_mobile_v2.0_rec": {
-        "task": "rec",
-        "backbone": {"name": "RecMobileNetV3", "model_name": "small", "scale": 0.5, "small_stride": [1, 2, 2, 2]},
-        "neck": {"name": "SequenceEncoder", "encoder_type": "rnn", "hidden_size": 48},
-        "head": {"name": "CTCHead", "out_channels": 6625},
-        "preprocess": rec_preprocess(32),
-        "postprocess": dict(CTC_POSTPROCESS),
-    },
-    "ppocr_server_v2.0_rec": {
-        "task": "rec",
-        "backbone": {"name": "RecResNet_vd", "layers": 34},
-        "neck": {"name": "SequenceEncoder", "encoder_type": "rnn", "hidden_size": 256},
-        "head": {"name": "CTCHead", "out_channels": 6625},
-        "preprocess": rec_preprocess(32),
-        "postprocess": dict(CTC_POSTPROCESS),
-    },
-    "PP-OCRv2_rec": {
-        "task": "rec",
-        "backbone": {"name": "MobileNetV1Enhance", "scale": 0.5},
-        "neck": {"name": "SequenceEncoder", "encoder_type": "rnn", "hidden_size": 64},
-        "head": {"name": "CTCHead", "out_channels": 6625, "mid_channels": 96},
-        "preprocess": rec_preprocess(32),
-        "postprocess": dict(CTC_POSTPROCESS),
-    },
-    "PP-OCRv3_rec": {
-        "task": "rec",
-        "backbone": {"name": "MobileNetV1Enhance", "scale": 0.5, "last_conv_stride": [1, 2],
-                     "last_pool_type": "avg"},
-        "neck": None,
-        "head": {"name": "MultiHead", "out_channels": 6625,
-                 "ctc_neck": {"encoder_type": "svtr", "dims": 64, "depth": 2, "hidden_dims": 120,
-                              "use_guide": True, "kernel_size": [3, 3]},
-                 "ctc_head": {}},
-        "preprocess": rec_preprocess(48),
-        "postprocess": dict(CTC_POSTPROCESS),
-    },
+    "ppocr_mobile_v2.0_det": det_family(_mv3_large_det(), {"name": "DBFPN", "out_channels": 96}, _db_head()),
+    "ppocr_server_v2.0_det": det_family({"name": "DetResNet_vd", "layers": 18},
+                                        {"name": "DBFPN", "out_channels": 256}, _db_head()),
+    # Same network as ppocr_mobile_v2.0_det; only the checkpoint layout (CML distillation) differs.
+    "PP-OCRv2_det": det_family(_mv3_large_det(), {"name": "DBFPN", "out_channels": 96}, _db_head()),
+    "PP-OCRv3_det": det_family(_mv3_large_det(), {"name": "RSEFPN", "out_channels": 96, "shortcut": True},
+                               _db_head()),
+    "ppocr_mobile_v2.0_rec": rec_family(
+        {"name": "RecMobileNetV3", "model_name": "small", "scale": 0.5, "small_stride": [1, 2, 2, 2]},
+        _rnn_neck(48), {"name": "CTCHead", "out_channels": 6625}, height=32),
+    "ppocr_server_v2.0_rec": rec_family({"name": "RecResNet_vd", "layers": 34}, _rnn_neck(256),
+                                        {"name": "CTCHead", "out_channels": 6625}, height=32),
+    "PP-OCRv2_rec": rec_family({"name": "MobileNetV1Enhance", "scale": 0.5}, _rnn_neck(64),
+                               {"name": "CTCHead", "out_channels": 6625, "mid_channels": 96}, height=32),
+    "PP-OCRv3_rec": rec_family(
+        {"name": "MobileNetV1Enhance", "scale": 0.5, "last_conv_stride": [1, 2], "last_pool_type": "avg"},
+        None,
+        {"name": "MultiHead", "out_channels": 6625,
+         "ctc_neck": {"encoder_type": "svtr", "dims": 64, "depth": 2, "hidden_dims": 120, "use_guide": True,
+                      "kernel_size": [3, 3]},
+         "ctc_head": {}},
+        height=48),
     "ppocr_mobile_v2.0_cls": {
         "task": "cls",
         "backbone": {"name": "RecMobileNetV3", "model_name": "small", "scale": 0.35},

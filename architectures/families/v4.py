@@ -6,42 +6,24 @@ The NRTR branch of the rec MultiHead (``gtc_head`` / ``before_gtc``) only trains
 """
 from __future__ import annotations
 
-from architectures.families.classic import CTC_POSTPROCESS, DB_POSTPROCESS, DET_PREPROCESS, rec_preprocess
+from architectures.families.classic import det_family, rec_family
 
 _V4_CTC_NECK = {"encoder_type": "svtr", "dims": 120, "depth": 2, "hidden_dims": 120, "use_guide": True,
                 "kernel_size": [1, 3]}
 
+
+
+def _v4_rec_head() -> dict:
+    return {"name": "MultiHead", "out_channels": 6625, "ctc_neck": dict(_V4_CTC_NECK), "ctc_head": {}}
+
+
 FAMILIES: dict[str, dict] = {
-    "PP-OCRv4_mobile_det": {
-        "task": "det",
-        "backbone": {"name": "PPLCNetV3", "scale": 0.75, "det": True},
-        "neck": {"name": "RSEFPN", "out_channels": 96, "shortcut": True},
-        "head": {"name": "DBHead", "k": 50},
-        "preprocess": dict(DET_PREPROCESS),
-        "postprocess": dict(DB_POSTPROCESS),
-    },
-    "PP-OCRv4_server_det": {
-        "task": "det",
-        "backbone": {"name": "PPHGNet_small", "det": True},
-        "neck": {"name": "LKPAN", "out_channels": 256, "intracl": True},
-        "head": {"name": "PFHeadLocal", "k": 50, "mode": "large"},
-        "preprocess": dict(DET_PREPROCESS),
-        "postprocess": dict(DB_POSTPROCESS),
-    },
-    "PP-OCRv4_mobile_rec": {
-        "task": "rec",
-        "backbone": {"name": "PPLCNetV3", "scale": 0.95},
-        "neck": None,
-        "head": {"name": "MultiHead", "out_channels": 6625, "ctc_neck": dict(_V4_CTC_NECK), "ctc_head": {}},
-        "preprocess": rec_preprocess(48),
-        "postprocess": dict(CTC_POSTPROCESS),
-    },
-    "PP-OCRv4_server_rec": {
-        "task": "rec",
-        "backbone": {"name": "PPHGNet_small"},
-        "neck": None,
-        "head": {"name": "MultiHead", "out_channels": 6625, "ctc_neck": dict(_V4_CTC_NECK), "ctc_head": {}},
-        "preprocess": rec_preprocess(48),
-        "postprocess": dict(CTC_POSTPROCESS),
-    },
+    "PP-OCRv4_mobile_det": det_family({"name": "PPLCNetV3", "scale": 0.75, "det": True},
+                                      {"name": "RSEFPN", "out_channels": 96, "shortcut": True},
+                                      {"name": "DBHead", "k": 50}),
+    "PP-OCRv4_server_det": det_family({"name": "PPHGNet_small", "det": True},
+                                      {"name": "LKPAN", "out_channels": 256, "intracl": True},
+                                      {"name": "PFHeadLocal", "k": 50, "mode": "large"}),
+    "PP-OCRv4_mobile_rec": rec_family({"name": "PPLCNetV3", "scale": 0.95}, None, _v4_rec_head(), height=48),
+    "PP-OCRv4_server_rec": rec_family({"name": "PPHGNet_small"}, None, _v4_rec_head(), height=48),
 }

@@ -11,7 +11,7 @@ from architectures.heads import register
 class ClsHead(nn.Module):
     """Global average pool -> Linear -> softmax (eval)."""
 
-    def __init__(self, in_channels, class_dim, **_ignored):
+    def __init__(self, in_channels, class_dim):
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_channels, class_dim)

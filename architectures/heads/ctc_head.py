@@ -11,7 +11,7 @@ from architectures.heads import register
 class CTCHead(nn.Module):
     """Linear classifier over the sequence (``fc``, or ``fc1`` -> ``fc2`` with ``mid_channels``); softmax in eval."""
 
-    def __init__(self, in_channels, out_channels, mid_channels=None, **_ignored):
+    def __init__(self, in_channels, out_channels, mid_channels=None):
         super().__init__()
         self.out_channels = out_channels
         self.mid_channels = mid_channels

@@ -41,7 +41,7 @@ class DBHead(nn.Module):
     [shrink, threshold, binary] concatenated on channels when the branch exists.
     """
 
-    def __init__(self, in_channels, k=50, kernel_list=(3, 2, 2), use_threshold=True, **_ignored):
+    def __init__(self, in_channels, k=50, kernel_list=(3, 2, 2), use_threshold=True):
         super().__init__()
         self.k = k
         self.binarize = Head(in_channels, kernel_list)

@@ -21,7 +21,7 @@ class MultiHead(nn.Module):
     ``ctc_head``: extra CTCHead kwargs (e.g. ``mid_channels``).
     """
 
-    def __init__(self, in_channels, out_channels, ctc_neck: dict, ctc_head: dict | None = None, **_ignored):
+    def __init__(self, in_channels, out_channels, ctc_neck: dict, ctc_head: dict | None = None):
         super().__init__()
         self.ctc_encoder = SequenceEncoder(in_channels, **ctc_neck)
         self.ctc_head = CTCHead(self.ctc_encoder.out_channels, out_channels, **(ctc_head or {}))

@@ -32,7 +32,7 @@ def concat_pyramid(p2, p3, p4, p5) -> torch.Tensor:
 class DBFPN(nn.Module):
     """DB FPN: 1x1 lateral convs to ``out_channels``, top-down sum, 3x3 convs to ``out_channels // 4``."""
 
-    def __init__(self, in_channels, out_channels, **_ignored):
+    def __init__(self, in_channels, out_channels):
         super().__init__()
         self.out_channels = out_channels
         for i, name in enumerate(("in2_conv", "in3_conv", "in4_conv", "in5_conv")):
@@ -66,7 +66,7 @@ class RSELayer(nn.Module):
 class RSEFPN(nn.Module):
     """Residual-SE FPN; ``shortcut=True`` is PaddleOCR's default (PP-OCRv3 and PP-OCRv4 det)."""
 
-    def __init__(self, in_channels, out_channels, shortcut=True, **_ignored):
+    def __init__(self, in_channels, out_channels, shortcut=True):
         super().__init__()
         self.out_channels = out_channels
         self.ins_conv = nn.ModuleList([RSELayer(c, out_channels, 1, shortcut) for c in in_channels])

@@ -100,7 +100,7 @@ class EncoderWithSVTR(nn.Module):
     """
 
     def __init__(self, in_channels, dims=64, depth=2, hidden_dims=120, use_guide=False, num_heads=8,
-                 qkv_bias=True, mlp_ratio=2.0, kernel_size=(3, 3), qk_scale=None, **_ignored):
+                 qkv_bias=True, mlp_ratio=2.0, kernel_size=(3, 3), qk_scale=None):
         super().__init__()
         self.use_guide = use_guide
         self.conv1 = _svtr_conv(in_channels, in_channels // 8, kernel_size)
