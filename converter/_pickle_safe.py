@@ -1,8 +1,7 @@
 """A restricted unpickler for Paddle checkpoints (``.pdparams``, ``.pdopt``, ``.states``, ``.pdiparams.info``).
 
-``pickle.load`` on a downloaded file can run any code. :class:`RestrictedUnpickler` resolves only the globals
-that ``paddle.save`` output can contain, and each one is replaced by a guard that checks its arguments before
-it builds anything:
+``pickle.load`` on a downloaded file can run any code. Here only the globals that ``paddle.save`` output can
+contain are resolved, and each one is replaced by a guard that checks its arguments before it builds anything:
 
 * ``numpy.core.multiarray._reconstruct`` / ``numpy._core.multiarray._reconstruct``: only
   ``_reconstruct(ndarray, (0,), b'b')``, the empty shell numpy's ``ndarray.__reduce__`` emits;
@@ -15,14 +14,19 @@ it builds anything:
 * ``builtins.eval``: only Paddle's ``reduce_DenseTensor`` form ``eval('data', {'data': ndarray})``, answered
   by returning the array; ``eval`` itself is never called.
 
-Anything else raises :class:`UnsafeCheckpointError` naming the global, before it is imported. ``BUILD`` is only
-allowed on array shells and dtypes that the guards made, with a validated state; ``NEWOBJ``/``NEWOBJ_EX``,
-protocol 5 buffers and persistent ids are refused. Every byte count in the pickle is checked against the file size
-before it is read, and the data the guards materialize is charged against a budget of twice the file size, so a
-small pickle cannot expand into a memory bomb. Arrays keep the pickle's bytes as their buffer (no second copy);
-in protocol 0-2 files the latin1 text holding an array's data is dropped from the memo once converted.
-It is built on the pure-Python ``pickle._Unpickler`` so that those opcodes can be checked (the C unpickler
-allocates a claimed byte count before reading it, and sizes its memo from an untrusted index).
+Anything else raises :class:`UnsafeCheckpointError` naming the global, before it is imported. The guards hand out
+*shells* (our own objects), never numpy objects: ``BUILD`` reaches only a shell's ``__setstate__``, which validates
+the state (shape, dtype, byte count; a dtype state may only set the byte order) and builds the real array; every
+other ``BUILD`` target is refused. The shells are swapped for their arrays once the whole pickle was read.
+
+Reading is two passes. :func:`_prescan` walks the opcodes without building anything: every byte count and frame
+size is checked against the file size, memo indices may only grow one by one, and opcodes a Paddle checkpoint never
+uses (``NEWOBJ``/``NEWOBJ_EX``, ``EXT*``, protocol 5 buffers) are refused. Only then is the file unpickled, with the
+same guards, by the C unpickler (its allocations are now bounded by the checked counts; this is what makes reading
+fast), or, when the file holds array data as large latin1 texts (protocol 0-2), by the pure-Python one, which drops
+each text from the memo as soon as its bytes exist, so those files also peak at about 1x their size. Data the guards
+materialize is charged against a budget of twice the file size, so a small pickle cannot expand into a memory bomb.
+Arrays keep the pickle's bytes as their buffer (no second copy).
 """
 from __future__ import annotations
 
@@ -57,26 +61,185 @@ def _numeric_dtype(spec: Any, where: str) -> np.dtype:
             raise UnsafeCheckpointError(f"{where}: unknown dtype {spec!r}") from exc
     else:
         raise UnsafeCheckpointError(f"{where}: dtype must be a short string, got {_describe(spec)}")
-    if dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+    if (dtype.kind not in _NUMERIC_KINDS or dtype.fields is not None or dtype.subdtype is not None
+            or dtype.hasobject or dtype.flags != np.dtype(dtype.str).flags):
         raise UnsafeCheckpointError(f"{where}: dtype {dtype!r} is not a plain numeric dtype")
     return dtype
 
 
+class _Context:
+    """What one read shares between its guards and shells: the source, the size budget, the globals seen."""
+
+    def __init__(self, size: int, source: str):
+        self.size = size
+        self.source = source
+        # protocol 2 stores bytes as latin1 text: the text and the bytes made from it both count
+        self.budget = 2 * size + (1 << 20)
+        self.globals_seen: set[str] = set()
+        self.release: Callable[[str], None] = lambda text: None  # set by the pure-Python driver
+        self.guards = _guards_for(self)
+
+    def charge(self, nbytes: int, what: str) -> None:
+        """Count ``nbytes`` of materialized data; refuse once the budget (twice the file size) is spent."""
+        self.budget -= nbytes
+        if self.budget < 0:
+            raise CorruptWeightsError(
+                f"{self.source}: {what} would materialize more data than the file holds (a decompression bomb "
+                "or a corrupt pickle)")
+
+    def find_class(self, module: str, name: str) -> "_Guard":
+        guard = self.guards.get((module, name))
+        if guard is None:
+            raise UnsafeCheckpointError(
+                f"{self.source}: refused to load: the pickle asks for the global '{module}.{name}', "
+                "which a Paddle checkpoint never needs; nothing from the file was executed")
+        self.globals_seen.add(f"{module}.{name}")
+        return guard
+
+    def persistent_load(self, pid: Any):
+        raise UnsafeCheckpointError(
+            f"{self.source}: refused to load: the pickle uses a persistent id ({_describe(pid)}), "
+            "which a Paddle checkpoint never contains")
+
+    def refuse_build(self, target: Any) -> UnsafeCheckpointError:
+        return UnsafeCheckpointError(
+            f"{self.source}: refused BUILD on {type(target).__name__}: only numpy array shells and dtypes made "
+            "by the allowed reconstructors can receive a state")
+
+
+# ----------------------------------------------------------------------------- shells
+
+
+class _Shell:
+    """An object a guard hands to the pickle in place of a numpy object; see :meth:`value`."""
+
+    __slots__ = ("ctx",)
+
+    def __init__(self, ctx: _Context):
+        self.ctx = ctx
+
+    def __setstate__(self, state: Any) -> None:
+        raise self.ctx.refuse_build(self)
+
+    def __reduce__(self):
+        raise TypeError(f"a {type(self).__name__} cannot be pickled")
+
+    def value(self) -> Any:
+        """The object this shell stands for, once the pickle is read."""
+        raise NotImplementedError
+
+
+class _DtypeShell(_Shell):
+    """A numeric dtype; a BUILD may set its byte order, once, before any array or scalar uses it."""
+
+    __slots__ = ("dtype", "settled")
+
+    def __init__(self, ctx: _Context, dtype: np.dtype):
+        super().__init__(ctx)
+        self.dtype = dtype
+        self.settled = False
+
+    def __setstate__(self, state: Any) -> None:
+        if self.settled:
+            raise UnsafeCheckpointError(
+                f"{self.ctx.source}: refused BUILD on a numpy dtype that already has its state or is in use")
+        # (version, byteorder, subarray, names, fields, elsize, alignment, flags[, metadata]) of a plain dtype
+        if (type(state) is not tuple or len(state) not in (8, 9) or state[0] not in (3, 4)
+                or state[1] not in _BYTEORDERS or any(part is not None for part in state[2:5])
+                or state[5:8] != (-1, -1, self.dtype.flags) or (len(state) == 9 and state[8] is not None)):
+            raise UnsafeCheckpointError(f"{self.ctx.source}: refused dtype state {_describe(state)}")
+        if state[1] in "<>" and self.dtype.itemsize > 1:
+            self.dtype = self.dtype.newbyteorder(state[1])
+        self.settled = True
+
+    def value(self) -> np.dtype:
+        """The dtype (numeric, checked by the guard; a state only changes its byte order)."""
+        self.settled = True  # a dtype in use can no longer receive a state
+        return self.dtype
+
+
+class _ArrayShell(_Shell):
+    """What ``_reconstruct`` returns; its BUILD state (shape, dtype, order, bytes) is checked, then the array made."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, ctx: _Context):
+        super().__init__(ctx)
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        ctx = self.ctx
+        if self.array is not None:
+            raise UnsafeCheckpointError(f"{ctx.source}: refused a second BUILD on an array")
+        if type(state) is tuple and len(state) == 5:
+            state = state[1:]
+        if type(state) is not tuple or len(state) != 4:
+            raise UnsafeCheckpointError(f"{ctx.source}: refused array state {_describe(state)}")
+        shape, dtype, is_fortran, raw = state
+        if (type(shape) is not tuple or not all(type(d) is int and d >= 0 for d in shape)
+                or type(dtype) is not _DtypeShell or type(is_fortran) is not bool
+                or not isinstance(raw, (bytes, str))):
+            raise UnsafeCheckpointError(f"{ctx.source}: refused array state {_describe(state)}")
+        dtype = dtype.value()
+        nbytes = math.prod(shape) * dtype.itemsize
+        if len(raw) != nbytes:
+            raise CorruptWeightsError(
+                f"{ctx.source}: array of shape {shape} {dtype} needs {nbytes} bytes, the pickle holds {len(raw)}")
+        ctx.charge(nbytes, f"an array of shape {shape}")
+        if isinstance(raw, str):  # Python 2 pickles, decoded with latin1
+            text, raw = raw, raw.encode("latin1")
+            ctx.release(text)
+        array = np.ndarray.__new__(np.ndarray, (0,), np.int8)
+        array.__setstate__((shape, dtype, is_fortran, raw))
+        self.array = array
+
+    def value(self) -> np.ndarray:
+        if self.array is None:
+            raise CorruptWeightsError(f"{self.ctx.source}: an array was reconstructed but never given its data")
+        return self.array
+
+
+class _ScalarShell(_Shell):
+    """A numpy scalar (e.g. a learning rate in a ``.pdopt``); it accepts no state."""
+
+    __slots__ = ("scalar",)
+
+    def __init__(self, ctx: _Context, scalar: np.generic):
+        super().__init__(ctx)
+        self.scalar = scalar
+
+    def value(self) -> np.generic:
+        return self.scalar
+
+
+class _OrderedDict(collections.OrderedDict):
+    """The OrderedDict the guard makes: filled by SETITEMS like any dict, but it accepts no BUILD state."""
+
+    def __setstate__(self, state: Any) -> None:
+        raise UnsafeCheckpointError("refused BUILD on OrderedDict: it never receives a state in a checkpoint")
+
+
+# ----------------------------------------------------------------------------- guards
+
+
 class _Guard:
-    """A callable standing in for one allowed global; slotted, so pickle cannot patch it."""
+    """A callable standing in for one allowed global; slotted, and refuses any BUILD, so pickle cannot patch it."""
 
-    __slots__ = ("qualname", "owner")
+    __slots__ = ("qualname", "ctx")
 
-    def __init__(self, qualname: str, owner: "RestrictedUnpickler"):
+    def __init__(self, qualname: str, ctx: _Context):
         self.qualname = qualname
-        self.owner = owner
+        self.ctx = ctx
 
     @property
     def where(self) -> str:
-        return f"{self.owner.source}: {self.qualname}"
+        return f"{self.ctx.source}: {self.qualname}"
 
     def refuse(self, why: str) -> UnsafeCheckpointError:
-        return UnsafeCheckpointError(f"{self.owner.source}: refused call to {self.qualname}: {why}")
+        return UnsafeCheckpointError(f"{self.ctx.source}: refused call to {self.qualname}: {why}")
+
+    def __setstate__(self, state: Any) -> None:
+        raise self.ctx.refuse_build(self)
 
     def __reduce__(self):
         raise TypeError(f"the {self.qualname} guard cannot be pickled")
@@ -98,9 +261,7 @@ class _Reconstruct(_Guard):
         if (len(args) != 3 or not isinstance(args[0], _NdarrayToken) or args[1] != (0,)
                 or args[2] not in (b"b", "b")):
             raise self.refuse(f"expected (numpy.ndarray, (0,), b'b'), got {_describe(args)}")
-        shell = np.ndarray.__new__(np.ndarray, (0,), np.int8)
-        self.owner.pending[id(shell)] = shell
-        return shell
+        return _ArrayShell(self.ctx)
 
 
 class _Dtype(_Guard):
@@ -109,24 +270,20 @@ class _Dtype(_Guard):
     def __call__(self, *args):
         if not 1 <= len(args) <= 3 or not all(isinstance(flag, bool) for flag in args[1:]):
             raise self.refuse(f"expected (str, bool, bool), got {_describe(args)}")
-        dtype = _numeric_dtype(args[0], self.where)
-        fresh = np.dtype(dtype, align=False, copy=True)  # BUILD then sets the byte order on this copy only
-        self.owner.pending[id(fresh)] = fresh
-        return fresh
+        return _DtypeShell(self.ctx, _numeric_dtype(args[0], self.where))
 
 
 class _Scalar(_Guard):
     __slots__ = ()
 
     def __call__(self, *args):
-        if len(args) != 2 or not isinstance(args[0], np.dtype) or not isinstance(args[1], (bytes, str)):
+        if len(args) != 2 or type(args[0]) is not _DtypeShell or not isinstance(args[1], (bytes, str)):
             raise self.refuse(f"expected (dtype, bytes), got {_describe(args)}")
-        dtype = _numeric_dtype(args[0], self.where)
-        self.owner.pending.pop(id(dtype), None)  # a dtype in use can no longer receive a state
+        dtype = args[0].value()
         raw = args[1].encode("latin1") if isinstance(args[1], str) else args[1]
         if len(raw) != dtype.itemsize:
             raise self.refuse(f"{len(raw)} bytes for a {dtype} scalar")
-        return np.frombuffer(raw, dtype=dtype)[0]
+        return _ScalarShell(self.ctx, np.frombuffer(raw, dtype=dtype)[0])
 
 
 class _CodecsEncode(_Guard):
@@ -135,9 +292,9 @@ class _CodecsEncode(_Guard):
     def __call__(self, *args):
         if len(args) != 2 or not isinstance(args[0], str) or args[1] not in ("latin1", "latin-1"):
             raise self.refuse(f"expected (str, 'latin1'), got {_describe(args)}")
-        self.owner.charge(len(args[0]), self.qualname)
+        self.ctx.charge(len(args[0]), self.qualname)
         data = args[0].encode("latin1")
-        self.owner.release(args[0])
+        self.ctx.release(args[0])
         return data
 
 
@@ -164,8 +321,8 @@ class _Container(_Guard):
 
     __slots__ = ("factory",)
 
-    def __init__(self, qualname: str, owner: "RestrictedUnpickler", factory: Callable):
-        super().__init__(qualname, owner)
+    def __init__(self, qualname: str, ctx: _Context, factory: Callable):
+        super().__init__(qualname, ctx)
         self.factory = factory
 
     def __call__(self, *args):
@@ -181,66 +338,196 @@ class _PaddleEval(_Guard):
 
     def __call__(self, *args):
         if (len(args) == 2 and args[0] == "data" and isinstance(args[1], dict)
-                and list(args[1]) == ["data"] and isinstance(args[1]["data"], np.ndarray)):
+                and list(args[1]) == ["data"] and isinstance(args[1]["data"], _ArrayShell)):
             return args[1]["data"]
         raise self.refuse(f"only Paddle's eval('data', {{'data': array}}) form is accepted, got {_describe(args)}")
 
 
-def _guards_for(owner: "RestrictedUnpickler") -> dict[tuple[str, str], _Guard]:
-    guards: dict[tuple[str, str], _Guard] = {("numpy", "ndarray"): _NdarrayToken("numpy.ndarray", owner),
-                                             ("numpy", "dtype"): _Dtype("numpy.dtype", owner)}
+def _guards_for(ctx: _Context) -> dict[tuple[str, str], _Guard]:
+    guards: dict[tuple[str, str], _Guard] = {("numpy", "ndarray"): _NdarrayToken("numpy.ndarray", ctx),
+                                             ("numpy", "dtype"): _Dtype("numpy.dtype", ctx)}
     for core in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        guards[(core, "_reconstruct")] = _Reconstruct(f"{core}._reconstruct", owner)
-        guards[(core, "scalar")] = _Scalar(f"{core}.scalar", owner)
-    guards[("_codecs", "encode")] = _CodecsEncode("_codecs.encode", owner)
+        guards[(core, "_reconstruct")] = _Reconstruct(f"{core}._reconstruct", ctx)
+        guards[(core, "scalar")] = _Scalar(f"{core}.scalar", ctx)
+    guards[("_codecs", "encode")] = _CodecsEncode("_codecs.encode", ctx)
     for module in ("builtins", "__builtin__"):
-        guards[(module, "tuple")] = _Tuple(f"{module}.tuple", owner)
-        guards[(module, "bytes")] = _Bytes(f"{module}.bytes", owner)
-        guards[(module, "set")] = _Container(f"{module}.set", owner, set)
-        guards[(module, "frozenset")] = _Container(f"{module}.frozenset", owner, frozenset)
-        guards[(module, "eval")] = _PaddleEval(f"{module}.eval", owner)
-    guards[("collections", "OrderedDict")] = _Container("collections.OrderedDict", owner, collections.OrderedDict)
+        guards[(module, "tuple")] = _Tuple(f"{module}.tuple", ctx)
+        guards[(module, "bytes")] = _Bytes(f"{module}.bytes", ctx)
+        guards[(module, "set")] = _Container(f"{module}.set", ctx, set)
+        guards[(module, "frozenset")] = _Container(f"{module}.frozenset", ctx, frozenset)
+        guards[(module, "eval")] = _PaddleEval(f"{module}.eval", ctx)
+    guards[("collections", "OrderedDict")] = _Container("collections.OrderedDict", ctx, _OrderedDict)
     return guards
 
 
-def _load_build(self: "RestrictedUnpickler") -> None:
-    state = self.stack.pop()
-    inst = self.stack[-1]
-    if self.pending.pop(id(inst), None) is not inst:
-        raise UnsafeCheckpointError(
-            f"{self.source}: refused BUILD on {type(inst).__name__}: only numpy array shells and dtypes made "
-            "by the allowed reconstructors can receive a state")
-    if isinstance(inst, np.dtype):
-        self.build_dtype(inst, state)
-    else:
-        self.build_array(inst, state)
+# ----------------------------------------------------------------------------- pass 1: opcode scan
+
+_FIXED_ARG = {op[0]: size for op, size in (
+    (pickle.MARK, 0), (pickle.POP, 0), (pickle.POP_MARK, 0), (pickle.DUP, 0), (pickle.NONE, 0),
+    (pickle.REDUCE, 0), (pickle.APPEND, 0), (pickle.BUILD, 0), (pickle.DICT, 0), (pickle.EMPTY_DICT, 0),
+    (pickle.APPENDS, 0), (pickle.LIST, 0), (pickle.EMPTY_LIST, 0), (pickle.SETITEM, 0), (pickle.TUPLE, 0),
+    (pickle.EMPTY_TUPLE, 0), (pickle.SETITEMS, 0), (pickle.TUPLE1, 0), (pickle.TUPLE2, 0), (pickle.TUPLE3, 0),
+    (pickle.NEWTRUE, 0), (pickle.NEWFALSE, 0), (pickle.EMPTY_SET, 0), (pickle.ADDITEMS, 0), (pickle.FROZENSET, 0),
+    (pickle.STACK_GLOBAL, 0), (pickle.BINPERSID, 0), (pickle.OBJ, 0), (pickle.BINGET, 1),
+    (pickle.BININT1, 1), (pickle.BININT2, 2), (pickle.BININT, 4), (pickle.LONG_BINGET, 4), (pickle.BINFLOAT, 8))}
+# opcode -> width of its fixed-size argument, -1 for the opcodes _prescan looks at more closely
+_FIXED_WIDTH = [_FIXED_ARG.get(code, -1) for code in range(256)]
+# opcode -> (struct format of the byte count, signed); the count is followed by that many bytes
+_COUNTED = {op[0]: fmt for op, fmt in (
+    (pickle.SHORT_BINSTRING, "<B"), (pickle.SHORT_BINBYTES, "<B"), (pickle.SHORT_BINUNICODE, "<B"),
+    (pickle.LONG1, "<B"), (pickle.BINSTRING, "<i"), (pickle.BINBYTES, "<I"), (pickle.BINUNICODE, "<I"),
+    (pickle.LONG4, "<i"), (pickle.BINUNICODE8, "<Q"), (pickle.BINBYTES8, "<Q"))}
+_LINES = {op[0]: lines for op, lines in (
+    (pickle.INT, 1), (pickle.LONG, 1), (pickle.FLOAT, 1), (pickle.STRING, 1), (pickle.UNICODE, 1), (pickle.GET, 1),
+    (pickle.PERSID, 1), (pickle.GLOBAL, 2), (pickle.INST, 2))}
+_PUTS = {pickle.BINPUT[0]: "<B", pickle.LONG_BINPUT[0]: "<I", pickle.PUT[0]: None}
+_REFUSED = {getattr(pickle, name)[0]: name for name in (
+    "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4", "BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER")}
+_TEXTS = frozenset(code[0] for code in (pickle.BINSTRING, pickle.BINUNICODE, pickle.BINUNICODE8))
+_LARGE_TEXT = 1 << 16  # texts this long (array data in protocol 0-2 pickles) are dropped from the memo once used
+_OPNAMES = {code[0]: name for name, code in vars(pickle).items()
+            if name.isupper() and isinstance(code, bytes) and len(code) == 1}
+_SCAN_CHUNK = 1 << 13
 
 
-def _refuse_opcode(name: str):
-    def refuse(self: "RestrictedUnpickler") -> None:
-        raise UnsafeCheckpointError(f"{self.source}: refused opcode {name}: a Paddle checkpoint never uses it")
+class _Scan:
+    """A window on the file for :func:`_prescan`: ``buf`` holds the bytes from file offset ``base`` on."""
 
-    return refuse
+    def __init__(self, file: IO[bytes], size: int, source: str):
+        self.file = file
+        self.size = size
+        self.source = source
+        self.base = 0
+        self.buf = file.read(_SCAN_CHUNK)
+
+    def unreadable(self, why: str) -> CorruptWeightsError:
+        return CorruptWeightsError(f"{self.source}: not a readable Paddle pickle: {why}")
+
+    def move(self, pos: int) -> int:
+        """Refill the window so it starts at ``pos`` (an index into the current window); return the new index 0."""
+        self.base += pos
+        self.file.seek(self.base)
+        self.buf = self.file.read(_SCAN_CHUNK)
+        return 0
+
+    def line_end(self, pos: int) -> tuple[int, int]:
+        """``(start, end)`` of the text line starting at ``pos``, ``buf[end]`` being its newline (window may move)."""
+        end = self.buf.find(b"\n", pos)
+        while end < 0:
+            if self.base + len(self.buf) >= self.size:
+                raise self.unreadable(f"it ended at byte {self.size} inside a text argument (truncated)")
+            self.file.seek(self.base + len(self.buf))
+            self.buf = self.buf[pos:] + self.file.read(max(_SCAN_CHUNK, len(self.buf)))
+            self.base += pos
+            pos = 0
+            end = self.buf.find(b"\n")
+        return pos, end
+
+    def check_count(self, count: int, opcode: int, at: int, after: int) -> None:
+        left = self.size - after
+        if count < 0 or count > left:
+            raise CorruptWeightsError(
+                f"{self.source}: {_OPNAMES.get(opcode, hex(opcode))} at byte {at} asks for {count} bytes, but the "
+                f"file has only {left} left of {self.size} (truncated or corrupt)")
 
 
-def _counted(opcode: str, header: str, make: Callable[["RestrictedUnpickler", bytes], Any]):
-    """Loader for an opcode whose argument is a byte count followed by that many bytes; the count is checked
-    against the file size before anything is read or allocated."""
-    header_size = struct.calcsize(header)
+def _prescan(file: IO[bytes], size: int, source: str) -> tuple[int, bool]:
+    """Walk the opcodes of ``file`` without building anything; return the pickle protocol (0 without PROTO) and
+    whether it holds a text of at least ``_LARGE_TEXT`` characters (array data of a protocol 0-2 pickle).
 
-    def load(self: "RestrictedUnpickler") -> None:
-        (count,) = struct.unpack(header, self.read(header_size))
-        self.check_count(count, opcode)
-        data = self.read(count)
-        if len(data) != count:
-            raise CorruptWeightsError(f"{self.source}: {opcode} of {count} bytes is cut short: the file is truncated")
-        value = make(self, data)
-        del data
-        if isinstance(value, str) and count >= _LARGE_TEXT:
-            self.large_texts[id(value)] = [value, []]
-        self.append(value)
+    Byte counts and frame sizes must fit in the file, memo indices may grow only one at a time, and opcodes a
+    checkpoint never uses are refused. Payloads are skipped, so the scan reads little more than the opcodes.
+    """
+    scan = _Scan(file, size, source)
+    buf, pos, n = scan.buf, 0, len(scan.buf)
+    protocol = memo = 0
+    large_text = False
+    width_of, counted, lines, puts, refused = _FIXED_WIDTH, _COUNTED, _LINES, _PUTS, _REFUSED
+    while True:
+        if pos + 9 > n and scan.base + n < size:  # keep the opcode and any fixed argument in the window
+            pos = scan.move(pos)
+            buf, n = scan.buf, len(scan.buf)
+        if pos >= n:
+            raise scan.unreadable(f"it ended at byte {scan.base + pos} without its STOP opcode (truncated)")
+        op = buf[pos]
+        width = width_of[op]
+        if width >= 0:  # the common case: an opcode with no or a fixed-size argument
+            pos += 1 + width
+            continue
+        at = scan.base + pos
+        if op == 0x94:  # MEMOIZE
+            memo += 1
+            pos += 1
+        elif op == 0x2E:  # STOP
+            return protocol, large_text
+        elif op == 0x80:  # PROTO
+            if pos + 1 >= n:
+                raise scan.unreadable(f"it ended at byte {size} inside an opcode argument (truncated)")
+            protocol = buf[pos + 1]
+            pos += 2
+        elif op in counted:
+            fmt = counted[op]
+            width = struct.calcsize(fmt)
+            if pos + 1 + width > n:
+                raise scan.unreadable(f"it ended at byte {size} inside an opcode argument (truncated)")
+            (count,) = struct.unpack_from(fmt, buf, pos + 1)
+            pos += 1 + width
+            scan.check_count(count, op, at, scan.base + pos)
+            large_text = large_text or (count >= _LARGE_TEXT and op in _TEXTS)
+            pos += count
+            if pos > n:
+                pos = scan.move(pos)
+                buf, n = scan.buf, len(scan.buf)
+        elif op == 0x95:  # FRAME: the next count bytes are opcodes, scanned as usual
+            if pos + 9 > n:
+                raise scan.unreadable(f"it ended at byte {size} inside an opcode argument (truncated)")
+            (count,) = struct.unpack_from("<Q", buf, pos + 1)
+            pos += 9
+            scan.check_count(count, op, at, scan.base + pos)
+        elif op in puts:
+            fmt = puts[op]
+            if fmt is None:
+                start, end = scan.line_end(pos + 1)
+                buf, n = scan.buf, len(scan.buf)
+                text, pos = buf[start:end], end + 1
+                if not text.isdigit():
+                    raise scan.unreadable(f"PUT at byte {at} has a bad index {text[:20]!r}")
+                index = int(text)
+            else:
+                (index,) = struct.unpack_from(fmt, buf, pos + 1)
+                pos += 1 + struct.calcsize(fmt)
+            if index > memo:
+                raise scan.unreadable(f"memo index {index} at byte {at} skips ahead of the {memo} entries stored")
+            memo = max(memo, index + 1)
+        elif op in lines:
+            pos += 1
+            for _ in range(lines[op]):
+                start, end = scan.line_end(pos)
+                large_text = large_text or end - start >= _LARGE_TEXT
+                pos = end + 1
+            buf, n = scan.buf, len(scan.buf)
+        elif op in refused:
+            raise UnsafeCheckpointError(
+                f"{source}: refused opcode {refused[op]} at byte {at}: a Paddle checkpoint never uses it")
+        else:
+            raise scan.unreadable(f"unknown opcode 0x{op:02x} at byte {at}")
 
-    return load
+
+# ----------------------------------------------------------------------------- pass 2: unpickling
+
+
+class _FastUnpickler(pickle.Unpickler):
+    """The C unpickler, for files that passed :func:`_prescan`; globals resolve to the guards."""
+
+    def __init__(self, file: IO[bytes], ctx: _Context):
+        super().__init__(file, encoding="latin1")
+        self.ctx = ctx
+
+    def find_class(self, module: str, name: str):
+        return self.ctx.find_class(module, name)
+
+    def persistent_load(self, pid):
+        return self.ctx.persistent_load(pid)
 
 
 class _Released:
@@ -253,16 +540,25 @@ class _Released:
 
 
 _RELEASED = _Released()
-_LARGE_TEXT = 1 << 16  # texts this long (array data in protocol 0-2 pickles) are dropped from the memo once used
 
 
-def _put_loader(read_index: Callable[["RestrictedUnpickler"], int]):
-    """Memo-put opcode loader that also notes where a large text was memoized (see ``release``)."""
+def _text_loader(load_text: Callable[[pickle._Unpickler], None]):
+    """Wrap a text opcode loader so that a large text is noted (see ``_PythonUnpickler.release``)."""
 
-    def load(self: "RestrictedUnpickler") -> None:
+    def load(self: "_PythonUnpickler") -> None:
+        load_text(self)
+        text = self.stack[-1]
+        if len(text) >= _LARGE_TEXT:
+            self.large_texts[id(text)] = [text, []]
+
+    return load
+
+
+def _put_loader(read_index: Callable[[pickle._Unpickler], int]):
+    """Memo-put opcode loader that also notes where a large text was memoized."""
+
+    def load(self: "_PythonUnpickler") -> None:
         index = read_index(self)
-        if index < 0:
-            raise CorruptWeightsError(f"{self.source}: negative memo index {index}")
         top = self.stack[-1]
         self.memo[index] = top
         if self.large_texts:  # the text itself, or the memoized (text, 'latin1') argument tuple
@@ -274,58 +570,42 @@ def _put_loader(read_index: Callable[["RestrictedUnpickler"], int]):
     return load
 
 
-def _utf8(data: bytes) -> str:
-    return str(data, "utf-8", "surrogatepass")
+def _load_build(self: "_PythonUnpickler") -> None:
+    state = self.stack.pop()
+    target = self.stack[-1]
+    if not isinstance(target, (_Shell, _Guard, _OrderedDict)):
+        raise self.ctx.refuse_build(target)
+    target.__setstate__(state)
 
 
-def _load_frame(self: "RestrictedUnpickler") -> None:
-    (count,) = struct.unpack("<Q", self.read(8))
-    self.check_count(count, "FRAME")
-    self._unframer.load_frame(count)
-
-
-class RestrictedUnpickler(pickle._Unpickler):
-    """Unpickler that allows only the guarded globals above; see the module docstring."""
+class _PythonUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler, for files holding large latin1 texts (array data of protocol 0-2 pickles): each
+    text is dropped from the memo as soon as its bytes exist, so these files also peak at about 1x their size."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
     dispatch[pickle.BUILD[0]] = _load_build
-    for _name in ("NEWOBJ", "NEWOBJ_EX", "BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER"):
-        dispatch[getattr(pickle, _name)[0]] = _refuse_opcode(_name)
-    dispatch[pickle.FRAME[0]] = _load_frame
-    dispatch[pickle.BINBYTES[0]] = _counted("BINBYTES", "<I", lambda self, data: data)
-    dispatch[pickle.BINBYTES8[0]] = _counted("BINBYTES8", "<Q", lambda self, data: data)
-    dispatch[pickle.BINSTRING[0]] = _counted("BINSTRING", "<i", lambda self, data: self._decode_string(data))
-    dispatch[pickle.BINUNICODE[0]] = _counted("BINUNICODE", "<I", lambda self, data: _utf8(data))
-    dispatch[pickle.BINUNICODE8[0]] = _counted("BINUNICODE8", "<Q", lambda self, data: _utf8(data))
-    dispatch[pickle.LONG4[0]] = _counted("LONG4", "<i", lambda self, data: pickle.decode_long(data))
+    for _code in (pickle.BINSTRING, pickle.BINUNICODE, pickle.BINUNICODE8, pickle.STRING, pickle.UNICODE):
+        dispatch[_code[0]] = _text_loader(pickle._Unpickler.dispatch[_code[0]])
     dispatch[pickle.PUT[0]] = _put_loader(lambda self: int(self.readline()[:-1]))
     dispatch[pickle.BINPUT[0]] = _put_loader(lambda self: self.read(1)[0])
     dispatch[pickle.LONG_BINPUT[0]] = _put_loader(lambda self: struct.unpack("<I", self.read(4))[0])
     dispatch[pickle.MEMOIZE[0]] = _put_loader(lambda self: len(self.memo))
-    del _name
+    del _code
 
-    def __init__(self, file: IO[bytes], *, size: int, source: str):
+    def __init__(self, file: IO[bytes], ctx: _Context):
         super().__init__(file, encoding="latin1")
-        self.file = file
-        self.size = size
-        self.source = source
-        # protocol 2 stores bytes as latin1 text: the text and the bytes made from it both count
-        self.budget = 2 * size + (1 << 20)
-        self.pending: dict[int, Any] = {}
-        self.guards = _guards_for(self)
-        self.globals_seen: set[str] = set()
-        self.checked_dtypes: set[np.dtype] = set()
+        self.ctx = ctx
         self.large_texts: dict[int, list] = {}  # id -> [text, memo indices holding it]
+        ctx.release = self.release
 
-    def check_count(self, count: int, opcode: str) -> None:
-        """Refuse a byte count that is negative or larger than the whole file."""
-        if count < 0 or count > self.size:
-            raise CorruptWeightsError(
-                f"{self.source}: {opcode} at byte {self.file.tell()} asks for {count} bytes, but the file has only "
-                f"{self.size} (truncated or corrupt)")
+    def find_class(self, module: str, name: str):
+        return self.ctx.find_class(module, name)
+
+    def persistent_load(self, pid):
+        return self.ctx.persistent_load(pid)
 
     def release(self, text: str) -> None:
-        """Drop a large text from the memo once its bytes exist: protocol 0-2 arrays then peak at ~1x, not 2x."""
+        """Drop a large text from the memo once its bytes exist."""
         entry = self.large_texts.pop(id(text), None)
         if entry is None or entry[0] is not text:
             return
@@ -334,88 +614,44 @@ class RestrictedUnpickler(pickle._Unpickler):
             if held is text or (type(held) is tuple and held and held[0] is text):
                 self.memo[index] = _RELEASED
 
-    def charge(self, nbytes: int, what: str) -> None:
-        """Count ``nbytes`` of materialized data; refuse once the budget (twice the file size) is spent."""
-        self.budget -= nbytes
-        if self.budget < 0:
-            raise CorruptWeightsError(
-                f"{self.source}: {what} would materialize more data than the file holds (a decompression bomb "
-                "or a corrupt pickle)")
 
-    def find_class(self, module: str, name: str):
-        guard = self.guards.get((module, name))
-        if guard is None:
-            raise UnsafeCheckpointError(
-                f"{self.source}: refused to load: the pickle asks for the global '{module}.{name}', "
-                "which a Paddle checkpoint never needs; nothing from the file was executed")
-        self.globals_seen.add(f"{module}.{name}")
-        return guard
-
-    def persistent_load(self, pid):
-        raise UnsafeCheckpointError(
-            f"{self.source}: refused to load: the pickle uses a persistent id ({_describe(pid)}), "
-            "which a Paddle checkpoint never contains")
-
-    def build_dtype(self, dtype: np.dtype, state: Any) -> None:
-        """Apply a dtype state (version, byteorder, subarray, names, fields, elsize, alignment[, flags])."""
-        if (not isinstance(state, tuple) or len(state) not in (8, 9) or state[1] not in _BYTEORDERS
-                or any(part is not None for part in state[2:5])
-                or not all(isinstance(part, int) for part in state[5:])):
-            raise UnsafeCheckpointError(f"{self.source}: refused dtype state {_describe(state)}")
-        dtype.__setstate__(state)
-        _numeric_dtype(dtype, self.source)
-
-    def build_array(self, shell: np.ndarray, state: Any) -> None:
-        """Apply an ndarray state ([version,] shape, dtype, is_fortran, rawdata) after checking its size."""
-        if type(state) is tuple and len(state) == 5:
-            state = state[1:]
-        if type(state) is not tuple or len(state) != 4:
-            raise UnsafeCheckpointError(f"{self.source}: refused array state {_describe(state)}")
-        shape, dtype, is_fortran, raw = state
-        if (type(shape) is not tuple or not all(type(d) is int and d >= 0 for d in shape)
-                or not isinstance(dtype, np.dtype) or type(is_fortran) is not bool
-                or not isinstance(raw, (bytes, str))):
-            raise UnsafeCheckpointError(f"{self.source}: refused array state {_describe(state)}")
-        self.pending.pop(id(dtype), None)  # a dtype in use can no longer receive a state
-        if dtype not in self.checked_dtypes:
-            self.checked_dtypes.add(_numeric_dtype(dtype, self.source))
-        nbytes = math.prod(shape) * dtype.itemsize
-        if len(raw) != nbytes:
-            raise CorruptWeightsError(
-                f"{self.source}: array of shape {shape} {dtype} needs {nbytes} bytes, the pickle holds {len(raw)}")
-        self.charge(nbytes, f"an array of shape {shape}")
-        if isinstance(raw, str):  # Python 2 pickles, decoded with latin1
-            text, raw = raw, raw.encode("latin1")
-            self.release(text)
-        shell.__setstate__((shape, dtype, is_fortran, raw))
-
-
-def _check_result(obj: Any, source: str, depth: int = 0) -> None:
+def _finish(obj: Any, source: str, depth: int = 0) -> Any:
+    """``obj`` with every shell replaced by its value; guards or released texts in the result are refused."""
     if depth > 100:
         raise CorruptWeightsError(f"{source}: the pickle nests deeper than 100 levels")
+    kind = type(obj)
+    if kind in (str, int, float, bool, bytes) or obj is None:
+        return obj
+    if isinstance(obj, _Shell):
+        return obj.value()
     if isinstance(obj, _Guard):
         raise UnsafeCheckpointError(f"{source}: the pickle returns the global {obj.qualname} itself")
     if obj is _RELEASED:
         raise CorruptWeightsError(f"{source}: the pickle uses the data text of an array twice")
-    if isinstance(obj, np.ndarray):
-        _numeric_dtype(obj.dtype, source)
-    elif isinstance(obj, dict):
-        for key, value in obj.items():
-            _check_result(key, source, depth + 1)
-            _check_result(value, source, depth + 1)
-    elif isinstance(obj, (list, tuple, set, frozenset)):
-        for value in obj:
-            _check_result(value, source, depth + 1)
+    if isinstance(obj, dict):
+        items = [(_finish(k, source, depth + 1), _finish(v, source, depth + 1)) for k, v in obj.items()]
+        return collections.OrderedDict(items) if isinstance(obj, collections.OrderedDict) else dict(items)
+    if kind in (list, tuple):
+        return kind(_finish(v, source, depth + 1) for v in obj)
+    if kind in (set, frozenset):
+        values = [_finish(v, source, depth + 1) for v in obj]
+        if any(isinstance(v, np.ndarray) for v in values):
+            raise CorruptWeightsError(f"{source}: the pickle puts an array in a set")
+        return kind(values)
+    raise UnsafeCheckpointError(f"{source}: unexpected {kind.__name__} in the result")
 
 
 def load_pickle(file: IO[bytes], size: int, *, source: str) -> tuple[Any, dict]:
-    """Unpickle ``file`` (``size`` bytes) safely; return ``(object, facts)``.
+    """Unpickle ``file`` (``size`` bytes, seekable) safely; return ``(object, facts)``.
 
     ``facts``: ``protocol`` (PROTO opcode value, None for protocol 0/1) and ``globals`` (sorted names used).
     Raises UnsafeCheckpointError for anything outside the allow-list and CorruptWeightsError for a malformed file.
     """
-    unpickler = RestrictedUnpickler(file, size=size, source=source)
+    ctx = _Context(size, source)
     try:
+        protocol, large_text = _prescan(file, size, source)
+        file.seek(0)
+        unpickler = (_PythonUnpickler if large_text else _FastUnpickler)(file, ctx)
         obj = unpickler.load()
     except (UnsafeCheckpointError, CorruptWeightsError):
         raise
@@ -426,6 +662,5 @@ def load_pickle(file: IO[bytes], size: int, *, source: str) -> tuple[Any, dict]:
         where = file.tell() if file.seekable() else "?"
         raise CorruptWeightsError(
             f"{source}: not a readable Paddle pickle (near byte {where}): {type(exc).__name__}: {exc}") from exc
-    _check_result(obj, source)
-    protocol = unpickler.proto if getattr(unpickler, "proto", 0) >= 2 else None
-    return obj, {"protocol": protocol, "globals": sorted(unpickler.globals_seen)}
+    obj = _finish(obj, source)
+    return obj, {"protocol": protocol if protocol >= 2 else None, "globals": sorted(ctx.globals_seen)}

@@ -15,6 +15,7 @@ the pickle's bytes as their buffer (trained), so the peak memory stays close to 
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import os
@@ -243,6 +244,45 @@ def _dir_files(root: Path, max_depth: int = 4) -> _Files:
     return _Files(names, lambda p: open(p, "rb"), lambda p: p.stat().st_size, root, None)
 
 
+class _TarMember(io.RawIOBase):
+    """One member of an uncompressed tar, read straight from the archive file (``tarfile``'s own member reader
+    copies every block twice through Python)."""
+
+    def __init__(self, path: Path, offset: int, size: int):
+        super().__init__()
+        self._file = open(path, "rb", buffering=0)
+        self._offset = offset
+        self._size = size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = min(len(buffer), self._size - self._pos)
+        if count <= 0:
+            return 0
+        self._file.seek(self._offset + self._pos)
+        got = self._file.readinto(memoryview(buffer).cast("B")[:count])
+        self._pos += got
+        return got
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
 def _tar_files(path: Path, stack: ExitStack) -> _Files:
     try:
         tar = stack.enter_context(tarfile.open(path, "r:*"))
@@ -255,7 +295,11 @@ def _tar_files(path: Path, stack: ExitStack) -> _Files:
         if member.isreg() and not _ignored(name) and not name.startswith(".."):
             names[name] = member
 
+    uncompressed = type(tar.fileobj) is io.BufferedReader  # compressed tars come wrapped in a decompressor
+
     def opener(member: tarfile.TarInfo) -> IO[bytes]:
+        if uncompressed and not member.sparse:
+            return io.BufferedReader(_TarMember(path, member.offset_data, member.size))
         fileobj = tar.extractfile(member)
         if fileobj is None:  # pragma: no cover - isreg() members always have data
             raise UnsupportedFormatError(f"{path}!{member.name}: not a regular file")

@@ -68,21 +68,23 @@ def section_read(data: dict | None) -> list[str]:
     out = ["## Reading Paddle weights: ocrconv's readers vs Paddle's loaders", ""]
     if data is None:
         return out + ["Not run (no `read.json`; `scripts/bench_read.py --json bench/read.json`).", ""]
-    out += ["Source: `scripts/bench_read.py` (owner B). Best time per fresh subprocess; speedup = Paddle time / "
-            "ours; RSS = peak above the post-import baseline, divided by the file size.", ""]
+    out += ["Source: `scripts/bench_read.py`. Best time per fresh subprocess; speedup = Paddle time / "
+            "ours; RSS = peak above the post-import baseline, divided by the file size (checkpoint, or .pdiparams) and "
+            "by the bytes a reader must take in (inference: .pdiparams + .pdmodel + .info).", ""]
     rows = []
     for r in data["results"]:
         tar = r.get("ours_tar")
         rows.append([r["file"], _f(r["size"] / MB, ".1f"), _f(r["ours"]["read_s"], ".3f"),
                      _f(tar["read_s"] if tar else None, ".3f"), _f(r["paddle"]["read_s"], ".3f"),
-                     _f(r.get("speedup"), ".1f", "x"), _f(r.get("ours_rss_ratio")), _f(r.get("paddle_rss_ratio"))])
+                     _f(r.get("speedup"), ".1f", "x"), _f(r.get("ours_rss_ratio")), _f(r.get("ours_rss_read_ratio")),
+                     _f(r.get("paddle_rss_ratio"))])
     out += _table(["file", "MB", "ours s", "ours from .tar s", "paddle s", "speedup", "ours RSS / size",
-                   "paddle RSS / size"], rows)
+                   "ours RSS / bytes read", "paddle RSS / size"], rows)
     s = data.get("summary", {})
     imp_s, imp_rss = s.get("import_s", {}), s.get("import_rss_mb", {})
     out += [f"Speedup min {_f(s.get('min_speedup'), '.1f')}x, median {_f(s.get('median_speedup'), '.1f')}x. "
             f"Ours peak RSS / size max {_f(s.get('max_ours_rss_ratio'))} (files > 5 MB: "
-            f"{_f(s.get('max_ours_rss_ratio_over_5mb'))}). Import: ours {_f(imp_s.get('ours'), '.2f')} s / "
+            f"{_f(s.get('max_ours_rss_ratio_over_5mb'))}); / bytes read max {_f(s.get('max_ours_rss_read_ratio'))}. Import: ours {_f(imp_s.get('ours'), '.2f')} s / "
             f"{_f(imp_rss.get('ours'), '.0f')} MB, paddle {_f(imp_s.get('paddle'), '.2f')} s / "
             f"{_f(imp_rss.get('paddle'), '.0f')} MB.", ""]
     return out
@@ -179,7 +181,7 @@ def section_infer(data: dict | None) -> list[str]:
     out = ["## CPU inference: PyTorch (converted) vs Paddle Inference", ""]
     if data is None:
         return out + ["Not run (no `infer.json`; `scripts/bench_infer.py --json bench/infer.json`).", ""]
-    out += [f"Source: `scripts/bench_infer.py` (owner D). Median ms per call; ratio = PyTorch / Paddle Inference "
+    out += [f"Source: `scripts/bench_infer.py`. Median ms per call; ratio = PyTorch / Paddle Inference "
             f"(< 1: PyTorch faster); Paddle Inference with its default CPU optimisations; torch "
             f"{data.get('torch', '?')}.", ""]
     rows = [[r["family"], r["shape"], r["threads"], r["runs"], _f(r["torch_ms"], ".2f"), _f(r["paddle_ms"], ".2f"),

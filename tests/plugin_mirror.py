@@ -190,13 +190,13 @@ def _handler_for(server: MirrorServer):
 
         def _error(self, record: RequestRecord, status: int, extra: dict | None = None) -> None:
             body = f"{status}\n".encode()
+            record.status = status  # before the answer: the client may look at the log as soon as it has it
             self.send_response(status)
             for key, value in (extra or {}).items():
                 self.send_header(key, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
-            record.status = status
 
         def _serve(self) -> None:
             path = url_path(self.path)
@@ -231,6 +231,7 @@ def _handler_for(server: MirrorServer):
             length = end - start
             if record.action == "truncate":
                 length = (end - start) // 2
+            record.status = status
             self.send_response(status)
             self.send_header("Content-Type", "application/x-tar")
             self.send_header("Accept-Ranges", "bytes")
@@ -240,7 +241,6 @@ def _handler_for(server: MirrorServer):
             if record.action == "drop":
                 self.send_header("Connection", "close")
             self.end_headers()
-            record.status = status
             to_send = length // 2 if record.action == "drop" else length
             hold_at = length - length // 2 if record.action == "hold" else None  # bytes left when holding
             with open(file, "rb") as f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import codecs
 import collections
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -163,6 +164,22 @@ def test_every_path_form_reads_the_same_arrays(cls_dir, cls_weights):
         other = load(path)
         assert list(other) == list(cls_weights) and all(_same(other[k], cls_weights[k]) for k in other)
         assert other.sha256 == cls_weights.sha256
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz"])
+def test_tar_members_read_like_files(cls_dir, cls_weights, tmp_path, mode):
+    """Plain tars are read straight from the archive file, compressed ones through tarfile: same arrays."""
+    checkpoint = _write_pickle(tmp_path / "best_accuracy.pdparams", ARRAYS, 4)
+    tar_path = tmp_path / ("m.tar.gz" if mode == "w:gz" else "m.tar")
+    with tarfile.open(tar_path, mode) as tar:
+        tar.add(checkpoint, arcname="m_train/best_accuracy.pdparams")
+        for name in ("inference.pdmodel", "inference.pdiparams", "inference.pdiparams.info"):
+            tar.add(cls_dir / name, arcname=f"m_infer/{name}")
+    trained = load(tar_path, kind="trained")
+    assert list(trained) == list(ARRAYS) and all(_same(trained[k], ARRAYS[k]) for k in ARRAYS)
+    inference = load(tar_path, kind="inference")
+    assert list(inference) == list(cls_weights) and all(_same(inference[k], cls_weights[k]) for k in inference)
+    assert inference.sha256 == cls_weights.sha256
 
 
 def test_appledouble_files_are_ignored(cls_dir):
@@ -454,6 +471,93 @@ def test_guards_reject_bad_arguments(tmp_path):
     refused(b"\x80\x02cbuiltins\neval\nX\x04\x00\x00\x00dataX\x01\x00\x00\x00x\x86R.", "only Paddle's eval")
     refused(b"\x80\x02cnumpy\ndtype\nX\x02\x00\x00\x00O8\x89\x88\x87R.", "not a plain numeric dtype")
     refused(b"\x80\x02cnumpy\ndtype\n.", "returns the global numpy.dtype")
+
+
+@pytest.mark.parametrize("driver", ["C", "pure-Python"])
+@pytest.mark.parametrize("case", list(_hostile(Path("/tmp/x"))))
+def test_both_unpicklers_refuse_every_hostile_pickle(tmp_path, case, driver):
+    """Whichever unpickler a file gets after the opcode scan, the guards refuse the same hostile pickles."""
+    from converter import _pickle_safe as ps
+
+    marker = tmp_path / "pwned"
+    data = _hostile(marker)[case][0]
+    unpickler = ps._FastUnpickler if driver == "C" else ps._PythonUnpickler
+    with pytest.raises((UnsafeCheckpointError, CorruptWeightsError)):
+        ps._prescan(io.BytesIO(data), len(data), "x")
+        ps._finish(unpickler(io.BytesIO(data), ps._Context(len(data), "x")).load(), "x")
+    assert not marker.exists()
+
+
+def _dtype_with_state(state: bytes) -> bytes:
+    """A protocol 2 pickle of ``{"w": float32 array}`` whose dtype receives ``state`` (a pickled tuple) by BUILD."""
+    return (b"\x80\x02}X\x01\x00\x00\x00wcnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85C\x01b\x87R"
+            b"(K\x01K\x01\x85cnumpy\ndtype\nX\x02\x00\x00\x00f4\x89\x88\x87R" + state + b"b\x89C\x04\x00\x00\x80?tbs.")
+
+
+def test_dtype_state_may_only_set_the_byte_order(tmp_path):
+    """A dtype BUILD state carrying numpy's object flags would make float data be treated as object pointers."""
+    path = tmp_path / "m.pdparams"
+    plain = b"(K\x03X\x01\x00\x00\x00>NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00t"
+    path.write_bytes(_dtype_with_state(plain))
+    big_endian = load(path)
+    # numpy swaps non-native data to native order when it unpickles: the value is that of the big-endian bytes
+    assert big_endian["w"].tolist() == np.frombuffer(b"\x00\x00\x80?", ">f4").tolist() != [1.0]
+    for flags in (b"K\x3f", b"K\x01", b"K\x08"):  # NPY_ITEM_REFCOUNT, NPY_ITEM_HASOBJECT bits, NPY_NEEDS_PYAPI
+        path.write_bytes(_dtype_with_state(plain.replace(b"K\x00t", flags + b"t")))
+        with pytest.raises(UnsafeCheckpointError, match="refused dtype state"):
+            load(path)
+    path.write_bytes(_dtype_with_state(plain.replace(b"NNN", b"N(X\x01\x00\x00\x00at)N")))
+    with pytest.raises(UnsafeCheckpointError, match="refused dtype state"):
+        load(path)
+
+
+def test_prescan_refusals(tmp_path):
+    path = tmp_path / "m.pdparams"
+    # a memo index far ahead would make the C unpickler size its memo from it
+    path.write_bytes(b"\x80\x04Nr\xff\xff\xff\x7f.")
+    with pytest.raises(CorruptWeightsError, match="memo index 2147483647 at byte 3 skips ahead"):
+        load(path)
+    path.write_bytes(b"\x80\x02\x82\x01.")
+    with pytest.raises(UnsafeCheckpointError, match="refused opcode EXT1 at byte 2"):
+        load(path)
+    path.write_bytes(b"\x80\x05\x96" + struct.pack("<Q", 3) + b"abc.")
+    with pytest.raises(UnsafeCheckpointError, match="refused opcode BYTEARRAY8"):
+        load(path)
+    path.write_bytes(b"\x80\x04\x95" + struct.pack("<Q", 1 << 40) + b"N.")
+    with pytest.raises(CorruptWeightsError, match="FRAME at byte 2 asks for 1099511627776 bytes"):
+        load(path)
+    path.write_bytes(b"\x80\x04\xff.")
+    with pytest.raises(CorruptWeightsError, match="unknown opcode 0xff at byte 2"):
+        load(path)
+    path.write_bytes(b"\x80\x04N")
+    with pytest.raises(CorruptWeightsError, match="ended at byte 3 without its STOP"):
+        load(path)
+
+
+def test_array_shell_states(tmp_path):
+    path = tmp_path / "m.pdparams"
+    shell = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85C\x01b\x87R"
+    state = b"(K\x01K\x01\x85cnumpy\ndtype\nX\x02\x00\x00\x00f4\x89\x88\x87R\x89C\x04\x00\x00\x80?t"
+    path.write_bytes(b"\x80\x02" + shell + state + b"b" + state + b"b.")
+    with pytest.raises(UnsafeCheckpointError, match="second BUILD on an array"):
+        load(path)
+    path.write_bytes(b"\x80\x02}X\x01\x00\x00\x00w" + shell + b"s.")
+    with pytest.raises(CorruptWeightsError, match="never given its data"):
+        load(path)
+    path.write_bytes(b"\x80\x02}X\x01\x00\x00\x00w" + shell + state.replace(b"C\x04", b"C\x03")[:-5] + b"\x00\x80?tbs.")
+    with pytest.raises(CorruptWeightsError, match=r"needs 4 bytes, the pickle holds 3"):
+        load(path)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4])
+def test_payloads_across_scan_windows(tmp_path, protocol):
+    """Arrays of many sizes, some straddling the opcode scan windows (8 KiB), protocol 0 text lines included."""
+    rs = np.random.RandomState(protocol)
+    state = {f"w{i}": rs.standard_normal(n).astype(np.float32)
+             for i, n in enumerate([1, 16383, 16384, 16385, 3, 40000, 7, 70000, 2, 5])}
+    path = _write_pickle(tmp_path / "m.pdparams", state, protocol)
+    weights = load(path)
+    assert list(weights) == list(state) and all(_same(weights[k], state[k]) for k in state)
 
 
 def test_corrupt_pickles(tmp_path):
