@@ -167,39 +167,73 @@ def parse_tensor_desc(buf: bytes, start: int = 0, end: int | None = None) -> Ten
     return desc
 
 
-@dataclass
 class VarDesc:
-    """One program variable: name, kind (VarType.Type value), tensor desc if dense, persistable flag."""
+    """One program variable: name, kind (VarType.Type value), tensor desc if dense, persistable flag.
 
-    name: str = ""
-    type: int = -1
-    tensor: TensorDesc | None = None
-    persistable: bool = False
+    ``type`` and ``tensor`` are decoded on first access: a reader needs them only for the persistable variables
+    and the feeds/fetches, a minority of a program's variables.
+    """
+
+    __slots__ = ("name", "persistable", "_buf", "_type_span", "_type", "_tensor")
+
+    def __init__(self, name: str = "", persistable: bool = False, buf: bytes = b"",
+                 type_span: tuple[int, int] | None = None):
+        self.name = name
+        self.persistable = persistable
+        self._buf = buf
+        self._type_span = type_span
+        self._type = -1
+        self._tensor: TensorDesc | None = None
+
+    def _decode_type(self) -> None:
+        if self._type_span is not None:
+            span, self._type_span = self._type_span, None
+            self._type, self._tensor = _parse_var_type(self._buf, *span)
+            self._buf = b""
+
+    @property
+    def type(self) -> int:
+        """``VarType.Type`` value (-1 when the variable records none)."""
+        self._decode_type()
+        return self._type
+
+    @property
+    def tensor(self) -> TensorDesc | None:
+        """The tensor description of a dense tensor / selected rows / tensor array variable."""
+        self._decode_type()
+        return self._tensor
+
+    def __repr__(self) -> str:
+        return f"VarDesc(name={self.name!r}, type={self.type}, tensor={self.tensor}, persistable={self.persistable})"
 
 
-def _parse_var_type(buf: bytes, start: int, end: int, var: VarDesc) -> None:
+def _parse_var_type(buf: bytes, start: int, end: int) -> tuple[int, TensorDesc | None]:
+    var_type, tensor = -1, None
     for number, wire, value, _ in iter_fields(buf, start, end):
         if number == 1 and wire == _VARINT:
-            var.type = _signed32(value)
+            var_type = _signed32(value)
         elif number in (2, 3, 4) and wire == _LEN:
             # 2: selected_rows (TensorDesc); 3: dense_tensor / 4: tensor_array (DenseTensorDesc: 1 tensor)
             if number == 2:
-                var.tensor = parse_tensor_desc(buf, *value)
+                tensor = parse_tensor_desc(buf, *value)
             else:
                 for inner_number, inner_wire, inner_value, _ in iter_fields(buf, *value):
                     if inner_number == 1 and inner_wire == _LEN:
-                        var.tensor = parse_tensor_desc(buf, *inner_value)
+                        tensor = parse_tensor_desc(buf, *inner_value)
+    return var_type, tensor
 
 
 def _parse_var(buf: bytes, start: int, end: int) -> VarDesc:
-    var = VarDesc()
+    var = VarDesc(buf=buf)
     for number, wire, value, _ in iter_fields(buf, start, end):
         if number == 1 and wire == _LEN:
             var.name = _text(buf, value)
         elif number == 2 and wire == _LEN:
-            _parse_var_type(buf, *value, var)
+            var._type_span = value
         elif number == 3 and wire == _VARINT:
             var.persistable = bool(value)
+    if var._type_span is None:
+        var._buf = b""
     return var
 
 

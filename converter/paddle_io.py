@@ -616,9 +616,9 @@ def _read_inference(files: _Files, prefix: str) -> tuple[dict, ProgramInfo, dict
     model_name, params_name, info_name = f"{prefix}.pdmodel", f"{prefix}.pdiparams", f"{prefix}.pdiparams.info"
     try:
         program = pb.parse_program(files.read_bytes(model_name))
+        info = ProgramInfo(program, files.describe(model_name))  # decodes the variable types it needs
     except pb.ProtobufError as exc:
         raise CorruptWeightsError(f"{files.describe(model_name)}: not a Paddle ProgramDesc: {exc}") from exc
-    info = ProgramInfo(program, files.describe(model_name))
     for spec in info.params:
         var = info.vars[spec.name]
         if var.type != pb.DENSE_TENSOR:
