@@ -12,17 +12,18 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tarfile
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from architectures.pretrained import CONFIG_FILE, DICT_FILE, METADATA_KEY, WEIGHTS_FILE, load_pretrained
 from converter import __version__, dictionaries, parity
@@ -33,6 +34,16 @@ log = logging.getLogger(__name__)
 
 PARITY_FILE = "parity.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+# Size of the row blocks in which a non-contiguous tensor is written (its contiguous copy never exists whole).
+WRITE_BLOCK_BYTES = 1 << 20
+# Weights from this size on are hashed in a thread while they are converted and written; smaller ones hash in a
+# few milliseconds, less than the thread's cost in memory (~2 MB) is worth.
+BACKGROUND_HASH_BYTES = 32 << 20
+# Room kept in a safetensors header for a metadata value computed while the tensors are written (a sha256).
+LATE_VALUE_WIDTH = 64
 ARTIFACT_ORDER = ("inference", "trained", "pretrained")
 # Parity tolerances (abs, on probabilities). float32 deploy form: the issue's 1e-5. The training form of a
 # re-parameterisable backbone (PPLCNetV3) runs unfused branches against Paddle's fused program: PaddleOCR
@@ -254,12 +265,85 @@ def read_output_metadata(out: Path) -> dict | None:
         return None
 
 
-def _write_directory(tmp: Path, state_dict: dict, metadata: dict, config: dict, characters: list[str] | None) -> None:
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp / WEIGHTS_FILE), metadata=metadata)
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str | Callable[[], str]], *, float_dtype: torch.dtype | None = None) -> None:
+    """Write ``tensors`` (floating ones cast to ``float_dtype`` when given) as a safetensors file at ``path``.
+
+    Streams tensor by tensor, so memory never holds a second copy of the weights. A metadata value may be a
+    function returning a string of at most ``LATE_VALUE_WIDTH`` characters (e.g. a hash still being computed):
+    it is called once the tensor data is written. The file is written under a temporary name in the same
+    folder and renamed to ``path`` when complete.
+    """
+    not_text = [key for key, value in metadata.items() if not (isinstance(value, str) or callable(value))]
+    if not_text:
+        raise TypeError(f"safetensors metadata values must be strings; not so for {', '.join(not_text)}")
+    entries: dict[str, dict] = {}
+    offset = 0
+    for name, tensor in tensors.items():
+        dtype = float_dtype if float_dtype is not None and tensor.is_floating_point() else tensor.dtype
+        if dtype not in SAFETENSORS_DTYPES:
+            raise OutputError(f"cannot store {name} as safetensors: unsupported dtype {dtype}")
+        end = offset + tensor.numel() * dtype.itemsize
+        entries[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(tensor.shape), "data_offsets": [offset, end]}
+        offset = end
+
+    def header(values: Mapping[str, str]) -> bytes:
+        return json.dumps({"__metadata__": dict(values), **entries}, separators=(",", ":"),
+                          ensure_ascii=False).encode("utf-8")
+
+    reserved = len(header({k: v if isinstance(v, str) else "x" * LATE_VALUE_WIDTH for k, v in metadata.items()}))
+    reserved += -reserved % 8  # the tensor data starts 8-byte aligned, as safetensors writes it
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.seek(8 + reserved)
+            for tensor in tensors.values():
+                if float_dtype is not None and tensor.is_floating_point():
+                    tensor = tensor.to(float_dtype)
+                _write_tensor(f, tensor.detach())
+            values = {k: v if isinstance(v, str) else v() for k, v in metadata.items()}
+            late = {k: values[k] for k, v in metadata.items() if not isinstance(v, str)}
+            if any(not isinstance(v, str) or len(v) > LATE_VALUE_WIDTH for v in late.values()):
+                raise ValueError(f"late safetensors metadata must be strings of at most {LATE_VALUE_WIDTH} "
+                                 f"characters; got {late}")
+            blob = header(values)
+            f.seek(0)
+            f.write(struct.pack("<Q", reserved) + blob + b" " * (reserved - len(blob)))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _write_tensor(f, tensor: torch.Tensor) -> None:
+    """The tensor's bytes in row-major order; a non-contiguous one (e.g. a transposed view) in ~1 MiB row blocks."""
+    array = (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()  # numpy has no bf16
+    if array.flags.c_contiguous:
+        f.write(array)
+        return
+    rows = max(1, WRITE_BLOCK_BYTES // max(1, array[0].nbytes))
+    for start in range(0, len(array), rows):
+        f.write(np.ascontiguousarray(array[start:start + rows]))
+
+
+def _write_directory(tmp: Path, state_dict: Mapping[str, torch.Tensor], metadata: dict, provenance: dict,
+                     config: dict, characters: list[str] | None, dtype: str) -> None:
+    """model.safetensors first (the source hash may still be computing meanwhile), then config.json with the
+    provenance (the safetensors metadata less ``format``, plus ``provenance``), then dict.txt."""
+    write_safetensors(tmp / WEIGHTS_FILE, state_dict, metadata, float_dtype=DTYPES[dtype])
+    config[METADATA_KEY] = {k: v if isinstance(v, str) else v() for k, v in metadata.items() if k != "format"}
+    config[METADATA_KEY].update(provenance)
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if characters is not None:
         dictionaries.write_dict_txt(characters, tmp / DICT_FILE)
-    _set_default_mode(tmp / WEIGHTS_FILE, 0o666)
+
+
+def _in_background(compute: Callable[[], str]) -> Callable[[], str]:
+    """Start ``compute`` in a thread; returns a function that waits for its result (re-raising its error)."""
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ocrconv")
+    future = executor.submit(compute)
+    executor.shutdown(wait=False)  # the thread ends when ``compute`` returns
+    return future.result
 
 
 def _set_default_mode(path: Path, mode: int) -> None:
@@ -318,16 +402,20 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
         _refuse_existing(out)
     say(f"reading {source.path}")
     weights = paddle_io.load(source.path)
+    if sum(array.nbytes for array in weights.values()) >= BACKGROUND_HASH_BYTES:
+        source_sha256 = _in_background(lambda: weights.sha256)  # hashing the weight file overlaps the conversion
+    else:
+        source_sha256 = lambda: weights.sha256  # noqa: E731  (hashed on first use, then cached)
     artifact = source.artifact or weights.kind
     fam = _family_for(weights, source, family)
 
     if skip_up_to_date and out.exists() and not force:
         meta = read_output_metadata(out)
-        if meta and meta.get("source_sha256") == weights.sha256 and meta.get("ocrconv_version") == __version__:
+        if meta and meta.get("source_sha256") == source_sha256() and meta.get("ocrconv_version") == __version__:
             previous = _read_parity(out)
             return ConvertResult(name=source.name, out=out, status="up-to-date", artifact=meta.get("artifact"),
                                  family=meta.get("family"), form=meta.get("form"), source=meta.get("source"),
-                                 source_sha256=weights.sha256, parity=previous,
+                                 source_sha256=source_sha256(), parity=previous,
                                  notes=["output is up to date (same source sha256 and ocrconv version)"],
                                  seconds=round(time.perf_counter() - start, 3))
         raise OutputError(f"output directory {out} exists but was made from another source or ocrconv version "
@@ -352,13 +440,11 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
     src_label = source.url or str(Path(source.path).resolve())
     metadata = {
         "format": "pt", "ocrconv_version": __version__, "name": source.name, "source": src_label,
-        "source_sha256": weights.sha256, "artifact": artifact, "family": fam,
+        "source_sha256": source_sha256, "artifact": artifact, "family": fam,
         "form": "train" if train_form else "fused", "dtype": dtype, "task": config["task"],
     }
-    config[METADATA_KEY] = {k: v for k, v in metadata.items() if k != "format"}
-    config[METADATA_KEY].update({"dropped": [[k, list(s), r] for k, s, r in conversion.dropped],
-                                 "weight_file": str(getattr(weights, "source", ""))})
-    state_dict = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v) for k, v in conversion.state_dict.items()}
+    provenance = {"dropped": [[k, list(s), r] for k, s, r in conversion.dropped],
+                  "weight_file": str(getattr(weights, "source", ""))}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -366,12 +452,12 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
         _set_default_mode(tmp, 0o777)
         say(f"writing {out}")
         try:
-            _write_directory(tmp, state_dict, metadata, config, characters)
+            _write_directory(tmp, conversion.state_dict, metadata, provenance, config, characters, dtype)
         except OSError as exc:
             raise OutputError(f"cannot write the converted model to {out}: {exc}") from exc
         result = ConvertResult(name=source.name, out=out, status="converted", artifact=artifact, family=fam,
                                task=config["task"], form=metadata["form"], source=src_label,
-                               source_sha256=weights.sha256, notes=notes)
+                               source_sha256=source_sha256(), notes=notes)
         if check:
             _check_into(result, tmp, source, weights, conversion, fam, form, characters, config, atol, dtype,
                         reference, mirror, cache_dir, offline, say)

@@ -11,8 +11,11 @@ in a fresh subprocess with ``OMP_NUM_THREADS=1``:
              ``paddle.jit.load(prefix).state_dict()`` (inference), a per-key copy into a PyTorch state dict
              (``torch.from_numpy(tensor.numpy())``) and ``torch.save``. It builds no PyTorch model, so it does
              less work than ours;
-* ``floor``  ``converter.paddle_io.load`` + ``safetensors.numpy.save_file`` of every array read: no rules, no
-             model. usual / floor is the best ratio any converter built on these readers could reach.
+* ``floor``  ``converter.paddle_io.load`` + ``converter.convert.write_safetensors`` (ocrconv's streaming writer)
+             of every array read: no rules, no model, no hash. usual / floor is the best ratio any converter
+             built on these readers and this writer could reach. The sha256 of the weight file, which ours
+             records as provenance, is timed separately (``hash_s``): usual / (floor + hash) bounds a converter
+             that hashes its source without overlapping the hash with other work.
 
 The child imports its libraries first (time and RSS reported separately), resets the RSS high-water mark
 (``/proc/self/clear_refs``), converts once (peak RSS: VmHWM), then converts ``--repeat`` - 1 more times for the
@@ -146,21 +149,29 @@ def _child_usual(path: str, kind: str, out: str, repeat: int) -> dict:
 def _child_floor(path: str, kind: str, out: str, repeat: int) -> dict:
     start = time.perf_counter()
     import numpy as np
-    from safetensors.numpy import save_file
+    import torch
 
     from converter import paddle_io
+    from converter.convert import write_safetensors
 
     import_s = time.perf_counter() - start
-    written = []
+    written, hash_times = [], []
 
     def convert_once(i: int) -> None:
         weights = paddle_io.load(path, kind=kind)
         target = Path(out) / f"floor{i}.safetensors"
-        save_file({key: np.ascontiguousarray(value) for key, value in weights.items()}, str(target))
+        write_safetensors(target, {key: torch.from_numpy(np.ascontiguousarray(value))
+                                   for key, value in weights.items()}, {})
         written.append(target.stat().st_size)
+        hash_start = time.perf_counter()
+        weights.sha256  # noqa: B018  (hashed on first access)
+        hash_times.append(time.perf_counter() - hash_start)
 
     result = _timed_runs(convert_once, repeat)
-    return {**result, "import_s": import_s, "output_bytes": written[0]}
+    # convert_once's time includes the hash: take it out of the floor, report it on its own
+    result["times"] = [t - h for t, h in zip(result["times"], hash_times)]
+    result["first_s"], result["best_s"] = result["times"][0], min(result["times"])
+    return {**result, "import_s": import_s, "output_bytes": written[0], "hash_s": min(hash_times)}
 
 
 CHILDREN = {"ours": _child_ours, "usual": _child_usual, "floor": _child_floor}
@@ -269,6 +280,7 @@ def bench_files(targets: list[dict], repeat: int, workdir: Path) -> list[dict]:
         if usual and row["floor"]:
             # read + write of every array, no rules, no model: the ratio no converter on these readers can beat
             row["speedup_floor"] = usual["best_s"] / row["floor"]["best_s"]
+            row["speedup_floor_hashed"] = usual["best_s"] / (row["floor"]["best_s"] + row["floor"]["hash_s"])
         results.append(row)
         if ours and usual:
             print(f"{row['label']:<40} {size / MB:6.1f} {ours['best_s']:7.3f} {usual['best_s']:8.3f} "
@@ -302,6 +314,9 @@ def summarize_files(results: list[dict]) -> dict:
         "max_speedup_floor": max((r["speedup_floor"] for r in results if r.get("speedup_floor")), default=None),
         "median_speedup_floor": (statistics.median(r["speedup_floor"] for r in results if r.get("speedup_floor"))
                                  if any(r.get("speedup_floor") for r in results) else None),
+        "median_speedup_floor_hashed": (statistics.median(r["speedup_floor_hashed"] for r in results
+                                                          if r.get("speedup_floor_hashed"))
+                                        if any(r.get("speedup_floor_hashed") for r in results) else None),
         "max_ours_rss_ratio": max((r["ours_rss_ratio"] for r in ours), default=None),
         "max_ours_rss_ratio_over_5mb": max((r["ours_rss_ratio"] for r in big), default=None),
         "rows_rss_above_base_le_target": sum(r["ours_rss_ratio"] <= RSS_TARGET for r in ours),
@@ -502,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{summary['rows_speedup_process_ge_target']}/{summary['rows_measured']} rows >= {SPEED_TARGET:g}x")
             if summary["median_speedup_floor"] is not None:
                 print(f"floor (read + write every array, no rules): usual/floor median "
-                      f"{summary['median_speedup_floor']:.1f}x, max {summary['max_speedup_floor']:.1f}x")
+                      f"{summary['median_speedup_floor']:.1f}x, max {summary['max_speedup_floor']:.1f}x; "
+                      f"with the source sha256 added: median {summary['median_speedup_floor_hashed']:.1f}x")
             print("ours, median seconds per stage: " + ", ".join(
                 f"{k} {v:.3f}" for k, v in summary["median_ours_stages_s"].items()))
             print(f"ours peak RSS above the import baseline / file size: max {summary['max_ours_rss_ratio']:.2f} "

@@ -66,6 +66,91 @@ def test_safetensors_metadata_records_provenance(converted_cls):
     assert dtypes == {torch.float32} or dtypes == {torch.float32, torch.int64}
 
 
+def test_config_json_records_the_same_provenance_as_the_weights(converted_cls):
+    config = json.loads((converted_cls.out / "config.json").read_text())
+    with safe_open(str(converted_cls.out / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert config["ocrconv"]["source_sha256"] == meta["source_sha256"] == converted_cls.source_sha256
+    assert {k: config["ocrconv"][k] for k in meta if k != "format"} == {k: v for k, v in meta.items() if k != "format"}
+
+
+def _mixed_tensors() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "conv.weight": torch.randn(8, 3, 3, 3, generator=generator),
+        "fc.weight": torch.randn(5, 7, generator=generator).T,  # not contiguous
+        "head.fc.weight": torch.randn(600, 700, generator=generator).T,  # not contiguous, written in 2 row blocks
+        "half": torch.randn(4, generator=generator).half(),
+        "bf16": torch.randn(3, 2, generator=generator).bfloat16(),
+        "bn.num_batches_tracked": torch.tensor(3, dtype=torch.long),  # 0-d
+        "mask": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+        "odd": torch.arange(3, dtype=torch.int16),  # 6 bytes: later offsets are not 8-aligned
+    }
+
+
+def test_streamed_safetensors_reads_back_identically(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = _mixed_tensors()
+    path = tmp_path / "model.safetensors"
+    pipeline.write_safetensors(path, tensors, {"format": "pt", "name": "résumé", "sha": lambda: "ab" * 32})
+    loaded = load_file(str(path))
+    assert set(loaded) == set(tensors)
+    for key, value in tensors.items():
+        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "name": "résumé", "sha": "ab" * 32}
+
+    def layout(file: Path) -> tuple[int, dict[str, tuple[str, list[int], bytes]]]:
+        data = file.read_bytes()
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + size])
+        header.pop("__metadata__", None)
+        return size, {k: (v["dtype"], v["shape"], data[8 + size + v["data_offsets"][0]:8 + size + v["data_offsets"][1]])
+                      for k, v in header.items()}
+
+    # the same dtype names, shapes and bytes per tensor as safetensors' own writer
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / "reference.safetensors"))
+    size, ours = layout(path)
+    assert size % 8 == 0  # tensor data 8-byte aligned
+    assert ours == layout(tmp_path / "reference.safetensors")[1]
+    assert entries(tmp_path) == {"model.safetensors", "reference.safetensors"}
+
+
+def test_streamed_safetensors_casts_only_floating_tensors(tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = _mixed_tensors()
+    pipeline.write_safetensors(tmp_path / "m.safetensors", tensors, {}, float_dtype=torch.float16)
+    loaded = load_file(str(tmp_path / "m.safetensors"))
+    for key, value in tensors.items():
+        expected = value.half() if value.is_floating_point() else value
+        assert loaded[key].dtype == expected.dtype and torch.equal(loaded[key], expected), key
+
+
+def test_streamed_safetensors_late_metadata(tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)}
+    path = tmp_path / "short.safetensors"
+    pipeline.write_safetensors(path, tensors, {"digest": lambda: "abc"})  # shorter than reserved: padded
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"digest": "abc"}
+    assert torch.equal(load_file(str(path))["w"], tensors["w"])
+    with pytest.raises(ValueError, match="at most 64 characters"):
+        pipeline.write_safetensors(tmp_path / "long.safetensors", tensors, {"digest": lambda: "x" * 65})
+    with pytest.raises(TypeError, match="must be strings.*count"):
+        pipeline.write_safetensors(tmp_path / "int.safetensors", tensors, {"count": 3})
+
+    def hash_fails():
+        raise OSError(5, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output error"):
+        pipeline.write_safetensors(tmp_path / "failed.safetensors", tensors, {"digest": hash_fails})
+    assert entries(tmp_path) == {"short.safetensors"}  # nothing half-written, no temp file left
+
+
 def test_config_builds_the_model_and_states_preprocessing(converted_cls):
     config = json.loads((converted_cls.out / "config.json").read_text())
     assert config["family"] == CLS_FAMILY and config["task"] == "cls"
@@ -243,10 +328,10 @@ def test_existing_output_needs_force(converted_cls, tmp_path):
 
 def test_disk_write_failure_leaves_no_partial_output(tmp_path, monkeypatch):
     def failing_save(*args, **kwargs):
-        Path(args[1]).write_bytes(b"partial")
+        Path(args[0]).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pipeline, "save_file", failing_save)
+    monkeypatch.setattr(pipeline, "write_safetensors", failing_save)
     with pytest.raises(OutputError, match="No space left on device"):
         pipeline.convert(fixture_data.infer_tar(CLS), out=tmp_path / "x", check=False)
     assert entries(tmp_path) == set()

@@ -6,6 +6,7 @@ Linear [in, out], LSTM tensors under both spellings, sub-model prefixes), conver
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -110,6 +111,33 @@ def test_linear_weights_are_transposed_by_module_type_even_when_square(templates
     assert proj in conversion.transposed
     # conv weights are never transposed
     assert not any(k.endswith("conv.weight") for k in conversion.transposed)
+
+
+def test_model_shares_the_checkpoint_memory_and_copies_only_what_it_must(templates):
+    """No second copy of the weights: writable arrays become the model's tensors as they are (a Linear weight as
+    a transposed view); a read-only array is copied, without torch's non-writable-array warning."""
+    weights = paddle_state(templates["ppocr_mobile_v2.0_cls"])
+    frozen = next(k for k in weights if k.endswith("conv.weight"))
+    weights[frozen].flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        conversion = convert(weights, "ppocr_mobile_v2.0_cls")
+    assert conversion.transposed == ["head.fc.weight"]
+    shared = 0
+    for key, tensor in conversion.state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        array = weights[key.replace(".running_mean", "._mean").replace(".running_var", "._variance")]
+        if key == frozen:
+            assert not np.shares_memory(tensor.numpy(), array) and tensor.numpy().flags.writeable
+        else:
+            assert np.shares_memory(tensor.numpy(), array), key
+            shared += 1
+    assert shared == len(weights) - 1
+    fc = conversion.state_dict["head.fc.weight"]
+    assert not fc.is_contiguous() and torch.equal(fc, torch.from_numpy(weights["head.fc.weight"].T.copy()))
+    assert_loaded(conversion, expected_torch(templates["ppocr_mobile_v2.0_cls"],
+                                             {**weights, frozen: weights[frozen].copy()}))
 
 
 @pytest.mark.parametrize("prefix", ["Student.", "student_model."])

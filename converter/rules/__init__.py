@@ -11,11 +11,13 @@ the same pipeline for every family and every artifact kind (trained checkpoint o
 4. family transforms ``fn(state, ctx) -> state`` (e.g. :func:`merge_lstm_aliases`);
 5. class count read from the checkpoint's head (never hard-coded per language), optional branches
    switched off when the weights do not carry them (e.g. the DB threshold branch of inference models);
-6. ``architectures.build(config)``; 2-D weights of ``nn.Linear`` modules (found by module type) are
-   transposed from Paddle's [in, out]; BatchNorm ``num_batches_tracked`` buffers are added (rule
-   ``bn_num_batches_tracked``);
+6. ``architectures.build(config)`` on the ``meta`` device (shapes only: no memory, no initialisation);
+   2-D weights of ``nn.Linear`` modules (found by module type) are transposed from Paddle's [in, out];
+   BatchNorm ``num_batches_tracked`` buffers are added (rule ``bn_num_batches_tracked``);
 7. every key must match the model exactly (names and shapes), else :class:`KeyMismatchError`;
-   ``load_state_dict(strict=True)``; family ``post_load`` hooks (e.g. re-parameterization).
+   ``load_state_dict(strict=True, assign=True)``: the model's tensors replace the meta ones and share memory
+   with the checkpoint's arrays (copied only when re-typed or read-only; a transposed Linear weight is a
+   non-contiguous view); family ``post_load`` hooks (e.g. re-parameterization).
 
 Nothing is ignored silently: a key is either mapped, or dropped by a named rule (listed in
 ``Conversion.dropped``), or the conversion fails.
@@ -345,6 +347,14 @@ def _prepare(weights, family, submodel, form, kind):
     return rules, ctx, state
 
 
+def _as_tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """``array`` as a tensor of ``dtype``, sharing its memory (strides included) when it is writable and of that
+    dtype; a read-only array is copied."""
+    if not array.flags.writeable:
+        array = np.array(array, order="C")
+    return torch.from_numpy(array).to(dtype)
+
+
 def _fit(model: nn.Module, state: State, ctx: ConversionContext):
     """Steps 6-7 without loading: tensors named and shaped for ``model``, plus the mismatch lists."""
     model_sd = model.state_dict()
@@ -354,11 +364,10 @@ def _fit(model: nn.Module, state: State, ctx: ConversionContext):
     for key, array in state.items():
         module_name, _, leaf = key.rpartition(".")
         if module_name in linear and leaf == "weight" and array.ndim == 2:
-            array = array.T
+            array = array.T  # a view: the model's Linear weight is Paddle's [in, out] array, read transposed
             transposed.append(key)
         target = model_sd.get(key)
-        dtype = target.dtype if target is not None else torch.float32
-        tensors[key] = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+        tensors[key] = _as_tensor(array, target.dtype if target is not None else torch.float32)
     added: list[tuple[str, str]] = []
     for name in bns:
         key = f"{name}.num_batches_tracked"
@@ -378,19 +387,27 @@ def convert(weights: Mapping[str, np.ndarray], family: str, *, submodel: str | N
     ``submodel`` selects a distillation sub-model (default: the family's preferred one, e.g. Student);
     ``form`` is passed to the architecture config; ``kind`` ("trained" / "inference") defaults to
     ``weights.kind`` when present. Raises FamilyError / KeyMismatchError; never returns a partial model.
+    The model's tensors share memory with the writable arrays of ``weights`` (no copy of the checkpoint); the
+    ``nn.Linear`` weights are transposed views (not contiguous).
     """
     rules, ctx, state = _prepare(weights, family, submodel, form, kind)
-    model = architectures.build(ctx.config, init_weights=False)  # a strict load overwrites every tensor
+    with torch.device("meta"):  # every tensor is replaced by a checkpoint tensor below
+        model = architectures.build(ctx.config, init_weights=False)
     model_sd, tensors, transposed, added, missing, unexpected, wrong_shape = _fit(model, state, ctx)
     if missing or unexpected or wrong_shape:
         guess = detect_family(weights)
         hint = f"these weights look like family {guess!r}" if guess and guess != family else None
         raise KeyMismatchError(_mismatch_message(family, ctx, missing, unexpected, wrong_shape, model_sd, tensors,
                                                  hint))
-    model.load_state_dict(tensors, strict=True)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    unloaded = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if unloaded:  # an architecture bug: a tensor outside the state dict (a non-persistent buffer) got no values
+        raise RuntimeError(f"{family}: the architecture holds tensors that no state-dict key fills: "
+                           f"{', '.join(unloaded[:10])}")
     for hook in rules.post_load:
         hook(model, ctx)
-    model.eval()
+    if rules.post_load:
+        model.eval()  # modules a hook creates (e.g. fused convolutions) start in training mode
     if transposed:
         ctx.notes.append(f"linear_transpose: {len(transposed)} nn.Linear weight(s) transposed from [in, out]")
     logger.debug("%s: %d tensors loaded, %d keys dropped, %d renamed, %d transposed", family, len(tensors),
