@@ -131,14 +131,15 @@ def load_vendored(name: str) -> tuple[list[str], DictionaryFile]:
     return parse_lines(data), entry
 
 
-def _candidates(lines: list[str], prefer: str) -> list[tuple[str, bool, list[str]]]:
-    by_mode = {"lines": list(lines), "code_points": list("".join(lines))}
+def _candidates(lines: list[str], prefer: str) -> list[tuple[str, bool, int]]:
+    """``(mode, space, number of characters)`` for every way to read ``lines``, ``prefer``'s mode first."""
+    sizes = {"lines": len(lines), "code_points": sum(map(len, lines))}
     order = [prefer] + [m for m in MODES if m != prefer]
-    out = []
-    for mode in order:
-        for space in (False, True):
-            out.append((mode, space, by_mode[mode] + ([" "] if space else [])))
-    return out
+    return [(mode, space, sizes[mode] + space) for mode in order for space in (False, True)]
+
+
+def _characters(lines: list[str], mode: str, space: bool) -> list[str]:
+    return (list(lines) if mode == "lines" else list("".join(lines))) + ([" "] if space else [])
 
 
 def resolve(lines: list[str], num_classes: int, *, source: str, sha256: str, prefer: str = "lines",
@@ -150,7 +151,8 @@ def resolve(lines: list[str], num_classes: int, *, source: str, sha256: str, pre
     """
     if prefer not in MODES:
         raise ValueError(f"prefer must be one of {MODES}, not {prefer!r}")
-    matches = [(mode, space, chars) for mode, space, chars in _candidates(lines, prefer) if len(chars) + 1 == num_classes]
+    matches = [(mode, space, _characters(lines, mode, space))
+               for mode, space, count in _candidates(lines, prefer) if count + 1 == num_classes]
     if not matches:
         n_lines, n_points = len(lines), len("".join(lines))
         raise DictionaryError(

@@ -187,16 +187,13 @@ class _Files:
                 with ExitStack() as stack:
                     if container:
                         tar = stack.enter_context(tarfile.open(root, "r:*"))
-                        fileobj = tar.extractfile(handle.name)
+                        fileobj = _open_member(tar, root, tar.getmember(handle.name))
                     else:
                         fileobj = open(handle, "rb")
                     with fileobj:
-                        digest = hashlib.sha256()
-                        for chunk in iter(lambda: fileobj.read(1 << 20), b""):
-                            digest.update(chunk)
+                        return hashlib.file_digest(fileobj, "sha256").hexdigest()  # a 256 KiB buffer, reused
             except (OSError, KeyError, tarfile.TarError) as exc:
                 raise UnsupportedFormatError(f"{self.describe(name)}: cannot hash it any more: {exc}") from exc
-            return digest.hexdigest()
 
         return sha256
 
@@ -283,6 +280,16 @@ class _TarMember(io.RawIOBase):
         super().close()
 
 
+def _open_member(tar: tarfile.TarFile, path: Path, member: tarfile.TarInfo) -> IO[bytes]:
+    """A binary file object on ``member`` of ``tar`` (the archive at ``path``)."""
+    if type(tar.fileobj) is io.BufferedReader and not member.sparse:  # compressed tars come in a decompressor
+        return io.BufferedReader(_TarMember(path, member.offset_data, member.size))
+    fileobj = tar.extractfile(member)
+    if fileobj is None:  # pragma: no cover - isreg() members always have data
+        raise UnsupportedFormatError(f"{path}!{member.name}: not a regular file")
+    return fileobj
+
+
 def _tar_files(path: Path, stack: ExitStack) -> _Files:
     try:
         tar = stack.enter_context(tarfile.open(path, "r:*"))
@@ -295,17 +302,7 @@ def _tar_files(path: Path, stack: ExitStack) -> _Files:
         if member.isreg() and not _ignored(name) and not name.startswith(".."):
             names[name] = member
 
-    uncompressed = type(tar.fileobj) is io.BufferedReader  # compressed tars come wrapped in a decompressor
-
-    def opener(member: tarfile.TarInfo) -> IO[bytes]:
-        if uncompressed and not member.sparse:
-            return io.BufferedReader(_TarMember(path, member.offset_data, member.size))
-        fileobj = tar.extractfile(member)
-        if fileobj is None:  # pragma: no cover - isreg() members always have data
-            raise UnsupportedFormatError(f"{path}!{member.name}: not a regular file")
-        return fileobj
-
-    return _Files(names, opener, lambda m: m.size, path, "tar")
+    return _Files(names, lambda member: _open_member(tar, path, member), lambda m: m.size, path, "tar")
 
 
 def _single_file(path: Path) -> _Files:
