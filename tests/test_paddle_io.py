@@ -672,7 +672,7 @@ def test_peak_memory_stays_near_the_file_size():
             tracemalloc.stop()
         size = weights.meta["size"]
         assert weights.kind == kind and size > 5_000_000
-        assert peak <= 1.3 * size, (kind, peak / size)
+        assert peak <= 1.2 * size, (kind, peak / size)  # the issue's ~1.2x; measured 1.02 / 1.04
 
 
 def test_protocol2_array_texts_are_released(tmp_path):
