@@ -81,6 +81,94 @@ def _pair(value) -> tuple[int, int]:
     return int(value), int(value)
 
 
+class DerivedTensors:
+    """Tensors computed from module tensors (e.g. a batch norm folded into a convolution), cached and recomputed
+    whenever one of the source tensors is replaced or modified in place (load_state_dict, .to(), in-place edits)."""
+
+    def __init__(self):
+        self._entry: tuple[tuple, tuple[torch.Tensor, ...]] | None = None  # (key, value), replaced as a whole
+
+    def __deepcopy__(self, memo) -> DerivedTensors:
+        return DerivedTensors()  # a cache: copies start empty (oneDNN-packed tensors cannot be copied)
+
+    def __reduce__(self):
+        return DerivedTensors, ()
+
+    def get(self, sources, compute: Callable[[], tuple[torch.Tensor, ...]], extra=()) -> tuple[torch.Tensor, ...]:
+        """The cached value of ``compute()`` for the current state of the ``sources`` (tensors or None)."""
+        key = (*extra, *((t.data_ptr(), _version(t), t.dtype, t.device) if t is not None else None for t in sources))
+        entry = self._entry
+        if entry is None or entry[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                entry = (key, compute())
+            self._entry = entry
+        return entry[1]
+
+
+# activation name -> oneDNN post-op name of torch.ops.mkldnn._convolution_pointwise (same math as the modules)
+_ONEDNN_POST_OPS = {None: "none", "relu": "relu", "hardswish": "hardswish", "hard_swish": "hardswish",
+                    "swish": "swish", "sigmoid": "sigmoid"}
+
+
+def _onednn_usable(x: torch.Tensor, weight: torch.Tensor, padding) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not isinstance(padding, str) and not torch.is_grad_enabled()
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
+def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation,
+                 groups: int, act: str | None = None,
+                 activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 packed_cache: DerivedTensors | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Inference convolution, plus ``residual`` when given, followed by the activation ``act`` (a key of
+    ``_ONEDNN_POST_OPS``): ``act(residual + conv(x))``.
+
+    On CPU in float32 without gradients this is one oneDNN primitive with the sum and the activation as post-ops,
+    on a channels-last input (as Paddle Inference's conv + activation / elementwise-add fuse passes do): no extra
+    passes over the output and no NCHW <-> blocked layout round trip. With ``packed_cache`` the weight is kept
+    there in oneDNN's own layout for the input shape (Paddle Inference's weight prepacking) instead of being
+    reordered at every call. Elsewhere it is ``F.conv2d`` followed by the sum and ``activation`` (computing
+    ``act``; required when ``act`` is not None)."""
+    if _onednn_usable(x, weight, padding):
+        x = x.contiguous(memory_format=torch.channels_last)
+        padding, stride, dilation = list(_pair(padding)), list(_pair(stride)), list(_pair(dilation))
+        if packed_cache is not None:
+            (weight,) = packed_cache.get((weight,), lambda: (torch._C._nn.mkldnn_reorder_conv2d_weight(
+                weight.to_mkldnn(), padding, stride, dilation, groups, list(x.shape)),), extra=tuple(x.shape))
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups,
+                                                           _ONEDNN_POST_OPS[act], [], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual.contiguous(memory_format=torch.channels_last), weight, bias, padding, stride, dilation,
+            groups, "add", None, _ONEDNN_POST_OPS[act], [], "")
+    y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if residual is not None:
+        y = residual + y
+    return y if act is None else activation(y)
+
+
+def conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(x)``, through ``fused_conv2d``'s oneDNN path at CPU inference (PyTorch's own dispatch runs small-batch
+    1x1 convolutions without oneDNN, about half as fast)."""
+    return fused_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d,
+                    out_dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``bn(conv(x))`` as one convolution (``out_dim``: the output-channel dimension of
+    ``weight``, 1 for transposed convolutions), folded in float64 where the device has it and rounded once,
+    like Paddle Inference's conv_bn fuse pass."""
+    wide = torch.float64 if weight.device.type in ("cpu", "cuda") else torch.float32
+    scale = bn.weight.to(wide) * torch.rsqrt(bn.running_var.to(wide) + bn.eps)
+    shape = [1] * weight.dim()
+    shape[out_dim] = -1
+    folded = (weight.to(wide) * scale.reshape(shape)).to(weight.dtype)
+    shift = bn.running_mean.to(wide)
+    if bias is not None:
+        shift = shift - bias.to(wide)
+    return folded, (bn.bias.to(wide) - shift * scale).to(bn.bias.dtype)
+
+
 class ConvBNLayer(nn.Module):
     """Conv2d (no bias by default) -> BatchNorm2d -> activation, with Paddle-compatible names.
 
@@ -115,48 +203,45 @@ class ConvBNLayer(nn.Module):
         )
         self.add_module(bn_name, nn.BatchNorm2d(out_channels, eps=bn_eps))
         self.act = make_activation(act, inplace=True)  # runs on the fresh batch-norm output
-        self._folded: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._folded_key: tuple | None = None
+        self._act_name = act.lower() if act is not None else None
+        self._folded = DerivedTensors()
+        self._packed = DerivedTensors()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self._modules[self._conv_name]
         bn = self._modules[self._bn_name]
         if not self.training and not torch.is_grad_enabled():
             weight, bias = self._folded_conv(conv, bn)
-            if self._pointwise and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-                # 1x1 conv on a channels-last map = one GEMM over the (N, H, W, C) view, no layout copies
-                y = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
-            else:
-                y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-            return self.act(y)
+            if self._act_name in _ONEDNN_POST_OPS:
+                return fused_conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups,
+                                    self._act_name, self.act, self._packed)
+            return self.act(F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups))
         return self.act(bn(conv(x)))
 
-    @property
-    def _pointwise(self) -> bool:
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``relu(residual + self(x))`` for a layer without activation (a ResNet block's last convolution); at CPU
+        inference the sum and the ReLU run as post-ops of the convolution."""
+        if self._act_name is not None:
+            raise ValueError(f"forward_residual needs a layer without activation, this one has {self._act_name!r}")
+        if self.training or torch.is_grad_enabled():
+            return F.relu_(residual + ConvBNLayer.forward(self, x))
         conv = self._modules[self._conv_name]
-        return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1 and conv.padding in (
-            (0, 0), 0, "valid")
+        weight, bias = self._folded_conv(conv, self._modules[self._bn_name])
+        return fused_conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, "relu", F.relu_,
+                            self._packed, residual)
 
     def _folded_conv(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inference fast path (eval mode, gradients off): the batch norm folded into the convolution,
-        like Paddle Inference's conv_bn fuse pass. The folded weights are cached (channels-last, which
-        oneDNN runs fastest, depthwise convolutions above all) and recomputed whenever a parameter or
-        statistic is replaced or modified. The state dict keeps the unfused, Paddle-named tensors."""
-        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        key = (bn.eps, *((t.data_ptr(), _version(t), t.dtype, t.device) if t is not None else None for t in tensors))
-        if self._folded_key != key:
-            # folded in float64 (where the device has it) and rounded once
-            wide = torch.float64 if conv.weight.device.type in ("cpu", "cuda") else torch.float32
-            with torch.inference_mode(False), torch.no_grad():
-                scale = bn.weight.to(wide) * torch.rsqrt(bn.running_var.to(wide) + bn.eps)
-                weight = conv.weight.to(wide) * scale.reshape(-1, 1, 1, 1)
-                weight = weight.to(conv.weight.dtype).contiguous(memory_format=torch.channels_last)
-                shift = bn.running_mean.to(wide)
-                if conv.bias is not None:
-                    shift = shift - conv.bias.to(wide)
-                bias = (bn.bias.to(wide) - shift * scale).to(bn.bias.dtype)
-            self._folded, self._folded_key = (weight, bias), key
-        return self._folded
+        """Inference fast path (eval mode, gradients off): the batch norm folded into the convolution. The folded
+        weights are cached (channels-last, which oneDNN runs fastest, depthwise convolutions above all) and
+        recomputed whenever a parameter or statistic is replaced or modified. The state dict keeps the unfused,
+        Paddle-named tensors."""
+
+        def fold():
+            weight, bias = fold_batch_norm(conv.weight, conv.bias, bn)
+            return weight.contiguous(memory_format=torch.channels_last), bias
+
+        return self._folded.get((conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var),
+                                fold, extra=(bn.eps,))
 
 
 def _version(tensor: torch.Tensor) -> int:
@@ -171,21 +256,45 @@ class SEModule(nn.Module):
     """Squeeze-and-excitation: avg pool -> conv1 (bias) -> ReLU -> conv2 (bias) -> hard sigmoid -> scale.
 
     ``slope``/``offset`` select the hard sigmoid: 0.2/0.5 in det_mobilenet_v3 and RSEFPN,
-    Paddle's default 1/6 in MobileNetV1Enhance and PPLCNetV3.
+    Paddle's default 1/6 in MobileNetV1Enhance and PPLCNetV3. ``inplace=True`` scales the input tensor itself
+    at inference (no gradients): only for callers that pass a fresh tensor they do not use again.
     """
 
-    def __init__(self, channels: int, reduction: int = 4, slope: float = 0.2, offset: float = 0.5):
+    def __init__(self, channels: int, reduction: int = 4, slope: float = 0.2, offset: float = 0.5,
+                 inplace: bool = False):
         super().__init__()
         self.avg_pool = nn.AdaptiveAvgPool2d(1)
         self.conv1 = nn.Conv2d(channels, channels // reduction, 1)
         self.conv2 = nn.Conv2d(channels // reduction, channels, 1)
         self.hardsigmoid = HardSigmoid(slope, offset)
+        self.inplace = inplace
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.avg_pool(x)
-        scale = F.relu(self.conv1(scale))
-        scale = self.hardsigmoid(self.conv2(scale))
-        return x * scale
+        if self.training or torch.is_grad_enabled():
+            scale = self.hardsigmoid(self.conv2(F.relu(self.conv1(self.avg_pool(x)))))
+            return x * scale
+        # inference: the 1x1 convolutions of the pooled (N, C) vector as matrix products (a convolution
+        # primitive per call costs far more than these tiny products)
+        n, c = x.shape[:2]
+        pooled = self.avg_pool(x).reshape(n, c)
+        hidden = F.relu_(F.linear(pooled, self.conv1.weight.flatten(1), self.conv1.bias))
+        scale = self.hardsigmoid(F.linear(hidden, self.conv2.weight.flatten(1), self.conv2.bias))
+        scale = scale.reshape(n, c, 1, 1)
+        return x.mul_(scale) if self.inplace else x * scale
+
+
+def upsampled_blocks(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """View of an (N, C, H * s, W * s) map as (N, C, H, s, W, s): the s x s blocks nearest upsampling fills."""
+    n, c, h, w = x.shape
+    return x.view(n, c, h // scale, scale, w // scale, scale)
+
+
+def nearest_spread(x: torch.Tensor, scale: int) -> torch.Tensor:
+    """Broadcast view of ``x`` (N, C, H, W) as (N, C, H, s, W, s): its nearest ``scale``-times upsampling in the
+    shape of ``upsampled_blocks`` (nothing is copied); ``upsampled_blocks(out, s).copy_(nearest_spread(x, s))``
+    writes the upsampled map into ``out`` without an intermediate tensor."""
+    n, c, h, w = x.shape
+    return x[:, :, :, None, :, None].expand(n, c, h, scale, w, scale)
 
 
 class Im2Seq(nn.Module):

@@ -21,7 +21,7 @@ class DepthwiseSeparable(nn.Module):
         super().__init__()
         mid = int(num_filters1 * scale)
         self._depthwise_conv = _conv_bn(num_channels, mid, dw_size, stride, padding, groups=int(num_groups * scale))
-        self._se = SEModule(mid, slope=PADDLE_HARDSIGMOID_SLOPE, offset=0.5) if use_se else None
+        self._se = SEModule(mid, slope=PADDLE_HARDSIGMOID_SLOPE, offset=0.5, inplace=True) if use_se else None
         self._pointwise_conv = _conv_bn(mid, int(num_filters2 * scale), 1, 1, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,14 +34,22 @@ def _stride(value):
 
 
 class ESEModule(nn.Module):
-    """Effective squeeze-excitation: global average pool -> 1x1 conv (bias) -> sigmoid -> scale."""
+    """Effective squeeze-excitation: global average pool -> 1x1 conv (bias) -> sigmoid -> scale (at inference in
+    place: the input must be a fresh tensor the caller does not use again)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(self.conv(F.adaptive_avg_pool2d(x, 1)))
+        if self.training or torch.is_grad_enabled():
+            return x * torch.sigmoid(self.conv(F.adaptive_avg_pool2d(x, 1)))
+        # inference: the 1x1 convolution of the pooled (N, C) vector as a matrix product (PyTorch runs it as a
+        # slow unbatched convolution otherwise), and the scaling in place: callers pass a fresh tensor
+        n, c = x.shape[:2]
+        pooled = F.adaptive_avg_pool2d(x, 1).reshape(n, c)
+        scale = torch.sigmoid(F.linear(pooled, self.conv.weight.flatten(1), self.conv.bias))
+        return x.mul_(scale.reshape(n, c, 1, 1))
 
 
 class HGBlock(nn.Module):
@@ -65,7 +73,9 @@ class HGBlock(nn.Module):
             y = layer(y)
             outputs.append(y)
         y = self.att(self.aggregation_conv(torch.cat(outputs, dim=1)))
-        return y + x if self.identity else y
+        if not self.identity:
+            return y
+        return y.add_(x) if not torch.is_grad_enabled() else y + x  # y is fresh: add in place at inference
 
 
 class HGStage(nn.Module):

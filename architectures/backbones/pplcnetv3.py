@@ -211,7 +211,7 @@ class LCNetV3Block(nn.Module):
         self.dw_conv = LearnableRepLayer(in_channels, in_channels, dw_size, stride, groups=in_channels,
                                          num_conv_branches=conv_kxk_num, form=form)
         if use_se:
-            self.se = SEModule(in_channels, slope=PADDLE_HARDSIGMOID_SLOPE)
+            self.se = SEModule(in_channels, slope=PADDLE_HARDSIGMOID_SLOPE, inplace=True)
         self.pw_conv = LearnableRepLayer(in_channels, out_channels, 1, 1, num_conv_branches=conv_kxk_num, form=form)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

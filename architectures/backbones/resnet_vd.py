@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from architectures.backbones import register
@@ -38,6 +37,11 @@ class VdConvBNLayer(ConvBNLayer):
             x = self.vd_pool(x)
         return super().forward(x)
 
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        if self.vd_pool is not None:
+            x = self.vd_pool(x)
+        return super().forward_residual(x, residual)
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers plus a (vd-pooled 1x1) shortcut."""
@@ -50,9 +54,8 @@ class BasicBlock(nn.Module):
         self.shortcut = shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv1(self.conv0(x))
         short = x if self.short is None else self.short(x)
-        return F.relu_(short + y)
+        return self.conv1.forward_residual(self.conv0(x), short)
 
 
 class BottleneckBlock(nn.Module):
@@ -67,9 +70,8 @@ class BottleneckBlock(nn.Module):
         self.shortcut = shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv2(self.conv1(self.conv0(x)))
         short = x if self.short is None else self.short(x)
-        return F.relu_(short + y)
+        return self.conv2.forward_residual(self.conv1(self.conv0(x)), short)
 
 
 @register("DetResNet_vd")

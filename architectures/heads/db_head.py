@@ -6,7 +6,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from architectures.heads import register
-from architectures.layers import BN_EPS
+from architectures.layers import BN_EPS, DerivedTensors, fold_batch_norm, fused_conv2d
+
+
+def _is_patchwise(conv: nn.ConvTranspose2d) -> bool:
+    return (conv.kernel_size == conv.stride and conv.padding == (0, 0) and conv.output_padding == (0, 0)
+            and conv.dilation == (1, 1) and conv.groups == 1)
+
+
+def patchwise_conv_transpose2d(x: torch.Tensor, conv: nn.ConvTranspose2d) -> torch.Tensor:
+    """``conv(x)`` for a transposed convolution whose patches do not overlap (kernel = stride, no padding): one
+    matrix product per input pixel, (N, H, W, C_in) @ (C_in, C_out * kh * kw), then depth-to-space. For the
+    one-channel output of the DB head this is about twice as fast as oneDNN's deconvolution on CPU, with the same
+    products and sums."""
+    kh, kw = conv.kernel_size
+    n, _, h, w = x.shape
+    weight = conv.weight.permute(1, 2, 3, 0).reshape(conv.out_channels * kh * kw, conv.in_channels)
+    bias = None if conv.bias is None else conv.bias.repeat_interleave(kh * kw)
+    patches = F.linear(x.permute(0, 2, 3, 1), weight, bias)  # (N, H, W, C_out * kh * kw)
+    patches = patches.view(n, h, w, conv.out_channels, kh, kw).permute(0, 3, 1, 4, 2, 5)
+    return patches.reshape(n, conv.out_channels, h * kh, w * kw)
 
 
 class Head(nn.Module):
@@ -23,12 +42,37 @@ class Head(nn.Module):
         self.conv2 = nn.ConvTranspose2d(mid, mid, kernel_list[1], stride=2)
         self.conv_bn2 = nn.BatchNorm2d(mid, eps=BN_EPS)
         self.conv3 = nn.ConvTranspose2d(mid, 1, kernel_list[2], stride=2)
+        self._folded = DerivedTensors()
 
     def forward(self, x: torch.Tensor, return_f: bool = False):
-        x = F.relu_(self.conv_bn1(self.conv1(x)))
-        f = F.relu_(self.conv_bn2(self.conv2(x)))
+        if self.training or torch.is_grad_enabled():
+            x = F.relu_(self.conv_bn1(self.conv1(x)))
+            f = F.relu_(self.conv_bn2(self.conv2(x)))
+        else:  # inference: both batch norms folded into their convolutions, ReLU fused into the first
+            weight1, bias1, weight2, bias2 = self._folded_convs()
+            conv1, conv2 = self.conv1, self.conv2
+            x = fused_conv2d(x, weight1, bias1, conv1.stride, conv1.padding, conv1.dilation, conv1.groups,
+                             "relu", F.relu_)
+            f = F.relu_(F.conv_transpose2d(x, weight2, bias2, conv2.stride, conv2.padding, conv2.output_padding,
+                                           conv2.groups, conv2.dilation))
+            if _is_patchwise(self.conv3):
+                out = patchwise_conv_transpose2d(f, self.conv3).sigmoid_()
+                return (out, f) if return_f else out
         out = torch.sigmoid(self.conv3(f))
         return (out, f) if return_f else out
+
+    def _folded_convs(self) -> tuple[torch.Tensor, ...]:
+        """conv1 + conv_bn1 and conv2 + conv_bn2 (transposed: output channels on dim 1) folded, cached."""
+        conv1, bn1, conv2, bn2 = self.conv1, self.conv_bn1, self.conv2, self.conv_bn2
+        sources = (conv1.weight, conv1.bias, conv2.weight, conv2.bias,
+                   *(t for bn in (bn1, bn2) for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var)))
+
+        def fold():
+            weight1, bias1 = fold_batch_norm(conv1.weight, conv1.bias, bn1)
+            return (weight1.contiguous(memory_format=torch.channels_last), bias1,
+                    *fold_batch_norm(conv2.weight, conv2.bias, bn2, out_dim=1))
+
+        return self._folded.get(sources, fold, extra=(bn1.eps, bn2.eps))
 
 
 @register("DBHead")

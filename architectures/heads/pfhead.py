@@ -12,7 +12,7 @@ from torch import nn
 
 from architectures.heads import register
 from architectures.heads.db_head import DBHead
-from architectures.layers import ConvBNLayer
+from architectures.layers import ConvBNLayer, conv2d, nearest_spread, upsampled_blocks
 
 MODES = {"large": 4, "small": 8}  # mode -> divisor of in_channels for LocalModule's middle channels
 
@@ -25,8 +25,19 @@ class LocalModule(nn.Module):
         self.last_3 = ConvBNLayer(in_channels + 1, mid_channels, 3, 1, act="relu")
         self.last_1 = nn.Conv2d(mid_channels, 1, 1)
 
-    def forward(self, feature: torch.Tensor, init_map: torch.Tensor) -> torch.Tensor:
-        return self.last_1(self.last_3(torch.cat([init_map, feature], dim=1)))
+    def forward(self, feature: torch.Tensor, init_map: torch.Tensor, feature_scale: int = 1) -> torch.Tensor:
+        """``last_1(last_3(cat([init_map, upsample(feature, feature_scale)])))`` (nearest upsampling)."""
+        if self.training or torch.is_grad_enabled():
+            if feature_scale != 1:
+                feature = F.interpolate(feature, scale_factor=float(feature_scale), mode="nearest")
+            return self.last_1(self.last_3(torch.cat([init_map, feature], dim=1)))
+        # inference: the upsampled feature is written straight into the concatenated (channels-last) input
+        n, c, h, w = init_map.shape
+        stacked = torch.empty((n, c + feature.shape[1], h, w), dtype=feature.dtype, device=feature.device,
+                              memory_format=torch.channels_last)
+        stacked.permute(0, 2, 3, 1)[..., :c].copy_(init_map.permute(0, 2, 3, 1))  # NHWC views: a fast copy
+        upsampled_blocks(stacked[:, c:], feature_scale).copy_(nearest_spread(feature, feature_scale))
+        return conv2d(self.last_3(stacked), self.last_1)
 
 
 @register()
@@ -45,8 +56,7 @@ class PFHeadLocal(DBHead):
 
     def forward(self, x: torch.Tensor):
         shrink_maps, feature = self.binarize(x, return_f=True)
-        feature = F.interpolate(feature, scale_factor=2.0, mode="nearest")
-        cbn_maps = torch.sigmoid(self.cbn_layer(feature, shrink_maps))
+        cbn_maps = torch.sigmoid(self.cbn_layer(feature, shrink_maps, feature_scale=2))
         if not self.training or self.thresh is None:
             return cbn_maps, 0.5 * (shrink_maps + cbn_maps)
         threshold = self.thresh(x)

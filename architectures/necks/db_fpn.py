@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from architectures.layers import SEModule
+from architectures.layers import SEModule, conv2d, nearest_spread, upsampled_blocks
 from architectures.necks import register
 
 
@@ -14,18 +14,34 @@ def upsample(x: torch.Tensor, scale: int) -> torch.Tensor:
     return F.interpolate(x, scale_factor=scale, mode="nearest")
 
 
+def add_upsampled(lateral: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """``lateral + upsample(top, 2)``. At inference (no gradients) it adds in place into ``lateral``, which must
+    be a fresh tensor the caller does not use again, without materialising the upsampled map (same sums)."""
+    if torch.is_grad_enabled():
+        return lateral + upsample(top, 2)
+    upsampled_blocks(lateral, 2).add_(nearest_spread(top, 2))
+    return lateral
+
+
 def fuse_top_down(ins: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Top-down FPN sums: [in2, in3, in4, in5] -> [out2, out3, out4, in5]."""
+    """Top-down FPN sums: [in2, in3, in4, in5] -> [out2, out3, out4, in5] (in place into in2..in4 at inference)."""
     in2, in3, in4, in5 = ins
-    out4 = in4 + upsample(in5, 2)
-    out3 = in3 + upsample(out4, 2)
-    out2 = in2 + upsample(out3, 2)
+    out4 = add_upsampled(in4, in5)
+    out3 = add_upsampled(in3, out4)
+    out2 = add_upsampled(in2, out3)
     return [out2, out3, out4, in5]
 
 
 def concat_pyramid(p2, p3, p4, p5) -> torch.Tensor:
-    """Upsample p5/p4/p3 to p2's size (x8, x4, x2) and concatenate as [p5, p4, p3, p2]."""
-    return torch.cat([upsample(p5, 8), upsample(p4, 4), upsample(p3, 2), p2], dim=1)
+    """Upsample p5/p4/p3 to p2's size (x8, x4, x2) and concatenate as [p5, p4, p3, p2], written straight into the
+    result (in p2's memory format) without intermediate upsampled maps."""
+    n, c, h, w = p2.shape
+    channels_last = p2.is_contiguous(memory_format=torch.channels_last) and not p2.is_contiguous()
+    out = torch.empty((n, 4 * c, h, w), dtype=p2.dtype, device=p2.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    for i, (level, scale) in enumerate(((p5, 8), (p4, 4), (p3, 2), (p2, 1))):
+        upsampled_blocks(out[:, i * c:(i + 1) * c], scale).copy_(nearest_spread(level, scale))
+    return out
 
 
 @register("DBFPN")
@@ -42,9 +58,10 @@ class DBFPN(nn.Module):
 
     def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
         c2, c3, c4, c5 = x
-        out2, out3, out4, in5 = fuse_top_down([self.in2_conv(c2), self.in3_conv(c3), self.in4_conv(c4),
-                                               self.in5_conv(c5)])
-        return concat_pyramid(self.p2_conv(out2), self.p3_conv(out3), self.p4_conv(out4), self.p5_conv(in5))
+        out2, out3, out4, in5 = fuse_top_down([conv2d(c2, self.in2_conv), conv2d(c3, self.in3_conv),
+                                               conv2d(c4, self.in4_conv), conv2d(c5, self.in5_conv)])
+        return concat_pyramid(conv2d(out2, self.p2_conv), conv2d(out3, self.p3_conv), conv2d(out4, self.p4_conv),
+                              conv2d(in5, self.p5_conv))
 
 
 class RSELayer(nn.Module):
@@ -58,7 +75,7 @@ class RSELayer(nn.Module):
         self.shortcut = shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.in_conv(x)
+        x = conv2d(x, self.in_conv)
         return x + self.se_block(x) if self.shortcut else self.se_block(x)
 
 

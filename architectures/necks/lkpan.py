@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from architectures.layers import BN_EPS
+from architectures.layers import BN_EPS, conv2d
 from architectures.necks import register
+from architectures.necks.db_fpn import add_upsampled, concat_pyramid
 
 
 class IntraCLBlock(nn.Module):
@@ -66,18 +67,19 @@ class LKPAN(nn.Module):
             self.incl4 = IntraCLBlock(quarter, reduce_factor=2)
 
     def forward(self, features) -> torch.Tensor:
-        # NCHW: oneDNN runs the large 9x9 convolutions ~1.7x faster than in channels-last, which the backbone's
-        # folded conv-BN layers produce (no-op for NCHW inputs)
-        c2, c3, c4, c5 = (f.contiguous() for f in features)
-        in5 = self.ins_conv[3](c5)
-        in4 = self.ins_conv[2](c4)
-        in3 = self.ins_conv[1](c3)
-        in2 = self.ins_conv[0](c2)
+        c2, c3, c4, c5 = features
+        # the 1x1 convolutions in the backbone's layout (channels-last from its folded conv-BN layers)
+        in5 = conv2d(c5, self.ins_conv[3])
+        in4 = conv2d(c4, self.ins_conv[2])
+        in3 = conv2d(c3, self.ins_conv[1])
+        in2 = conv2d(c2, self.ins_conv[0])
 
-        out4 = in4 + F.interpolate(in5, scale_factor=2.0, mode="nearest")
-        out3 = in3 + F.interpolate(out4, scale_factor=2.0, mode="nearest")
-        out2 = in2 + F.interpolate(out3, scale_factor=2.0, mode="nearest")
+        out4 = add_upsampled(in4, in5)
+        out3 = add_upsampled(in3, out4)
+        out2 = add_upsampled(in2, out3)
 
+        # NCHW from here: oneDNN runs the large 9x9 convolutions ~1.4x faster than in channels-last
+        in5, out4, out3, out2 = (f.contiguous() for f in (in5, out4, out3, out2))
         f5 = self.inp_conv[3](in5)
         f4 = self.inp_conv[2](out4)
         f3 = self.inp_conv[1](out3)
@@ -97,7 +99,4 @@ class LKPAN(nn.Module):
             p3 = self.incl2(p3)
             p2 = self.incl1(p2)
 
-        p5 = F.interpolate(p5, scale_factor=8.0, mode="nearest")
-        p4 = F.interpolate(p4, scale_factor=4.0, mode="nearest")
-        p3 = F.interpolate(p3, scale_factor=2.0, mode="nearest")
-        return torch.cat([p5, p4, p3, p2], dim=1)
+        return concat_pyramid(p2, p3, p4, p5)

@@ -1,0 +1,167 @@
+"""The CPU inference fast paths (fused oneDNN convolutions, folded batch norms, in-place sums, upsampling without
+temporaries) against the plain module computations they replace."""
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from architectures.backbones.pphgnet import HGBlock
+from architectures.backbones.resnet_vd import BasicBlock, BottleneckBlock, VdConvBNLayer
+from architectures.heads.db_head import DBHead, patchwise_conv_transpose2d
+from architectures.heads.pfhead import PFHeadLocal
+from architectures.layers import ConvBNLayer, DerivedTensors, SEModule, fused_conv2d
+from architectures.necks.db_fpn import add_upsampled, concat_pyramid
+
+CL = torch.channels_last
+
+
+def randomize_batch_norms(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BN statistics and affine parameters, so that folding them matters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+    return module.eval()
+
+
+def reference(module: nn.Module, *args, **kwargs):
+    """The plain eval-mode computation: with gradients enabled no fast path runs."""
+    with torch.enable_grad():
+        out = module(*args, **kwargs)
+    return tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
+
+
+@pytest.mark.parametrize("act", [None, "relu", "hardswish", "swish", "sigmoid"])
+@pytest.mark.parametrize("groups", [1, 6])
+def test_fused_convolution_equals_convolution_then_activation(act, groups):
+    torch.manual_seed(0)
+    layer = randomize_batch_norms(ConvBNLayer(6, 12, 3, stride=(2, 1), groups=groups, act=act))
+    for x in (torch.randn(2, 6, 9, 13), torch.randn(2, 6, 9, 13).contiguous(memory_format=CL)):
+        with torch.inference_mode():
+            fast = layer(x)
+        torch.testing.assert_close(fast, reference(layer, x), rtol=0, atol=1e-5)
+
+
+def test_packed_weights_follow_input_shape_and_weight_changes():
+    torch.manual_seed(1)
+    layer = randomize_batch_norms(ConvBNLayer(8, 16, 3, act="relu"))
+    small, large = torch.randn(1, 8, 6, 10), torch.randn(3, 8, 11, 7)
+    with torch.no_grad():
+        for x in (small, large, small):  # re-packed for every new input shape
+            torch.testing.assert_close(layer(x), reference(layer, x), rtol=0, atol=1e-5)
+        before = layer(small)
+        layer.conv.weight.mul_(1.5)  # an in-place edit invalidates the folded and the packed weights
+        after = layer(small)
+    torch.testing.assert_close(after, reference(layer, small), rtol=0, atol=1e-5)
+    assert not torch.allclose(after, before, atol=1e-3)
+
+
+def test_models_with_cached_inference_weights_can_be_copied_and_saved():
+    torch.manual_seed(2)
+    layer = randomize_batch_norms(ConvBNLayer(4, 8, 3, act="hardswish"))
+    x = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode():
+        expected = layer(x)  # fills the folded-weight and oneDNN-packed caches
+    clone = copy.deepcopy(layer)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert isinstance(clone._packed, DerivedTensors) and clone._packed._entry is None  # caches start empty
+    with torch.inference_mode():
+        torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)
+
+
+def test_fused_residual_sum_and_relu():
+    torch.manual_seed(3)
+    weight, bias = torch.randn(8, 8, 3, 3), torch.randn(8)
+    x, residual = torch.randn(2, 8, 7, 9), torch.randn(2, 8, 7, 9)
+    expected = F.relu(residual + F.conv2d(x, weight, bias, 1, 1))
+    with torch.no_grad():
+        fused = fused_conv2d(x, weight, bias, 1, 1, 1, 1, "relu", F.relu_, residual=residual)
+        packed = fused_conv2d(x, weight, bias, 1, 1, 1, 1, "relu", F.relu_, DerivedTensors(), residual)
+    torch.testing.assert_close(fused, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(packed, expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="without activation"):
+        ConvBNLayer(8, 8, 3, act="relu").eval().forward_residual(x, residual)
+
+
+@pytest.mark.parametrize("block_cls, stride", [(BasicBlock, 1), (BasicBlock, 2), (BottleneckBlock, (2, 1))])
+def test_resnet_blocks_fuse_the_shortcut_sum(block_cls, stride):
+    torch.manual_seed(4)
+    expansion = 4 if block_cls is BottleneckBlock else 1
+    short = VdConvBNLayer(8, 8 * expansion, 1, vd_pool=stride if stride != 1 else None)
+    block = randomize_batch_norms(block_cls(8, 8, stride, shortcut=False, short=short))
+    x = torch.randn(2, 8, 10, 12)
+    with torch.inference_mode():
+        fast = block(x)
+    torch.testing.assert_close(fast, reference(block, x), rtol=0, atol=1e-5)
+
+
+def test_in_place_squeeze_excitation_and_hg_block():
+    torch.manual_seed(5)
+    se, se_inplace = SEModule(16, slope=0.2), SEModule(16, slope=0.2, inplace=True)
+    se_inplace.load_state_dict(se.state_dict())
+    x = torch.randn(2, 16, 5, 7)
+    expected = reference(se.eval(), x)
+    fresh = x.clone()
+    with torch.no_grad():
+        torch.testing.assert_close(se(x), expected, rtol=0, atol=1e-6)
+        out = se_inplace.eval()(fresh)
+    assert out.data_ptr() == fresh.data_ptr()  # scaled in place: no new feature map
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
+    block = randomize_batch_norms(HGBlock(16, 8, 16, layer_num=2, identity=True))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), reference(block, x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL])
+def test_fpn_sums_and_concatenation_without_upsampled_temporaries(memory_format):
+    torch.manual_seed(6)
+    levels = [torch.randn(1, 4, 16 // 2 ** i, 24 // 2 ** i).contiguous(memory_format=memory_format)
+              for i in range(4)]
+    lateral, top = levels[0].clone(), levels[1]
+    expected_sum = lateral + F.interpolate(top, scale_factor=2, mode="nearest")
+    with torch.no_grad():
+        summed = add_upsampled(lateral, top)
+        pyramid = concat_pyramid(*levels)
+    assert summed.data_ptr() == lateral.data_ptr()
+    torch.testing.assert_close(summed, expected_sum, rtol=0, atol=0)
+    expected = torch.cat([F.interpolate(levels[3], scale_factor=8), F.interpolate(levels[2], scale_factor=4),
+                          F.interpolate(levels[1], scale_factor=2), levels[0]], dim=1)
+    torch.testing.assert_close(pyramid, expected, rtol=0, atol=0)
+    assert pyramid.is_contiguous(memory_format=memory_format)
+
+
+def test_patchwise_transposed_convolution():
+    torch.manual_seed(7)
+    for in_channels, out_channels, kernel in ((8, 1, 2), (6, 3, 2), (5, 2, 3)):
+        conv = nn.ConvTranspose2d(in_channels, out_channels, kernel, stride=kernel)
+        for x in (torch.randn(2, in_channels, 5, 7), torch.randn(2, in_channels, 5, 7).contiguous(memory_format=CL)):
+            with torch.no_grad():
+                torch.testing.assert_close(patchwise_conv_transpose2d(x, conv), conv(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_cls", [DBHead, PFHeadLocal])
+def test_db_heads_fold_batch_norms_and_upsample_in_place(head_cls):
+    torch.manual_seed(8)
+    head = randomize_batch_norms(head_cls(16, use_threshold=False))
+    x = torch.rand(1, 16, 6, 8).contiguous(memory_format=CL)
+    with torch.inference_mode():
+        fast = head(x)
+    expected = reference(head, x)
+    if head_cls is DBHead:
+        fast, expected = (fast,), (expected,)
+    for got, want in zip(fast, expected):
+        assert got.shape == (1, 1, 24, 32)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
