@@ -511,26 +511,24 @@ def test_dtype_state_may_only_set_the_byte_order(tmp_path):
         load(path)
 
 
-def test_prescan_refusals(tmp_path):
-    path = tmp_path / "m.pdparams"
+PRESCAN_REFUSALS = {  # name -> (pickle bytes, error, message)
     # a memo index far ahead would make the C unpickler size its memo from it
-    path.write_bytes(b"\x80\x04Nr\xff\xff\xff\x7f.")
-    with pytest.raises(CorruptWeightsError, match="memo index 2147483647 at byte 3 skips ahead"):
-        load(path)
-    path.write_bytes(b"\x80\x02\x82\x01.")
-    with pytest.raises(UnsafeCheckpointError, match="refused opcode EXT1 at byte 2"):
-        load(path)
-    path.write_bytes(b"\x80\x05\x96" + struct.pack("<Q", 3) + b"abc.")
-    with pytest.raises(UnsafeCheckpointError, match="refused opcode BYTEARRAY8"):
-        load(path)
-    path.write_bytes(b"\x80\x04\x95" + struct.pack("<Q", 1 << 40) + b"N.")
-    with pytest.raises(CorruptWeightsError, match="FRAME at byte 2 asks for 1099511627776 bytes"):
-        load(path)
-    path.write_bytes(b"\x80\x04\xff.")
-    with pytest.raises(CorruptWeightsError, match="unknown opcode 0xff at byte 2"):
-        load(path)
-    path.write_bytes(b"\x80\x04N")
-    with pytest.raises(CorruptWeightsError, match="ended at byte 3 without its STOP"):
+    "memo skip": (b"\x80\x04Nr\xff\xff\xff\x7f.", CorruptWeightsError, "memo index 2147483647 at byte 3 skips ahead"),
+    "EXT1": (b"\x80\x02\x82\x01.", UnsafeCheckpointError, "refused opcode EXT1 at byte 2"),
+    "BYTEARRAY8": (b"\x80\x05\x96" + struct.pack("<Q", 3) + b"abc.", UnsafeCheckpointError, "refused opcode BYTEARRAY8"),
+    "huge FRAME": (b"\x80\x04\x95" + struct.pack("<Q", 1 << 40) + b"N.", CorruptWeightsError,
+                   "FRAME at byte 2 asks for 1099511627776 bytes"),
+    "unknown opcode": (b"\x80\x04\xff.", CorruptWeightsError, "unknown opcode 0xff at byte 2"),
+    "no STOP": (b"\x80\x04N", CorruptWeightsError, "ended at byte 3 without its STOP"),
+}
+
+
+@pytest.mark.parametrize("case", list(PRESCAN_REFUSALS))
+def test_prescan_refusals(tmp_path, case):
+    data, error, message = PRESCAN_REFUSALS[case]
+    path = tmp_path / "m.pdparams"
+    path.write_bytes(data)
+    with pytest.raises(error, match=message):
         load(path)
 
 
