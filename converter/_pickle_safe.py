@@ -30,9 +30,11 @@ Arrays keep the pickle's bytes as their buffer (no second copy).
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import io
 import math
+import mmap
 import pickle
 import struct
 from typing import IO, Any, Callable
@@ -178,7 +180,7 @@ class _ArrayShell(_Shell):
         shape, dtype, is_fortran, raw = state
         if (type(shape) is not tuple or not all(type(d) is int and d >= 0 for d in shape)
                 or type(dtype) is not _DtypeShell or type(is_fortran) is not bool
-                or not isinstance(raw, (bytes, str))):
+                or not isinstance(raw, (bytes, str, _MappedBytes))):
             raise UnsafeCheckpointError(f"{ctx.source}: refused array state {_describe(state)}")
         dtype = dtype.value()
         nbytes = math.prod(shape) * dtype.itemsize
@@ -186,6 +188,9 @@ class _ArrayShell(_Shell):
             raise CorruptWeightsError(
                 f"{ctx.source}: array of shape {shape} {dtype} needs {nbytes} bytes, the pickle holds {len(raw)}")
         ctx.charge(nbytes, f"an array of shape {shape}")
+        if isinstance(raw, _MappedBytes):
+            self.array = raw.as_array(dtype, shape, is_fortran)
+            return
         if isinstance(raw, str):  # Python 2 pickles, decoded with latin1
             text, raw = raw, raw.encode("latin1")
             ctx.release(text)
@@ -210,6 +215,31 @@ class _ScalarShell(_Shell):
 
     def value(self) -> np.generic:
         return self.scalar
+
+
+class _MappedBytes(_Shell):
+    """A large BINBYTES payload left in the file: arrays are made as views of a private mapping of it."""
+
+    __slots__ = ("buffer", "offset", "count")
+
+    def __init__(self, ctx: _Context, buffer: mmap.mmap, offset: int, count: int):
+        super().__init__(ctx)
+        self.buffer = buffer
+        self.offset = offset
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def as_array(self, dtype: np.dtype, shape: tuple[int, ...], is_fortran: bool) -> np.ndarray:
+        """The payload as an array (a writable copy-on-write view; byte-swapped to native order if need be)."""
+        flat = np.frombuffer(self.buffer, np.uint8, count=self.count, offset=self.offset).view(dtype)
+        if not dtype.isnative:
+            flat = flat.astype(dtype.newbyteorder("="))
+        return flat.reshape(shape, order="F" if is_fortran else "C")
+
+    def value(self) -> bytes:
+        return bytes(self.buffer[self.offset:self.offset + self.count])
 
 
 class _OrderedDict(collections.OrderedDict):
@@ -368,7 +398,7 @@ _FIXED_ARG = {op[0]: size for op, size in (
     (pickle.APPENDS, 0), (pickle.LIST, 0), (pickle.EMPTY_LIST, 0), (pickle.SETITEM, 0), (pickle.TUPLE, 0),
     (pickle.EMPTY_TUPLE, 0), (pickle.SETITEMS, 0), (pickle.TUPLE1, 0), (pickle.TUPLE2, 0), (pickle.TUPLE3, 0),
     (pickle.NEWTRUE, 0), (pickle.NEWFALSE, 0), (pickle.EMPTY_SET, 0), (pickle.ADDITEMS, 0), (pickle.FROZENSET, 0),
-    (pickle.STACK_GLOBAL, 0), (pickle.BINPERSID, 0), (pickle.OBJ, 0), (pickle.BINGET, 1),
+    (pickle.STACK_GLOBAL, 0), (pickle.OBJ, 0), (pickle.BINGET, 1),
     (pickle.BININT1, 1), (pickle.BININT2, 2), (pickle.BININT, 4), (pickle.LONG_BINGET, 4), (pickle.BINFLOAT, 8))}
 # opcode -> width of its fixed-size argument, -1 for the opcodes _prescan looks at more closely
 _FIXED_WIDTH = [_FIXED_ARG.get(code, -1) for code in range(256)]
@@ -379,10 +409,13 @@ _COUNTED = {op[0]: fmt for op, fmt in (
     (pickle.LONG4, "<i"), (pickle.BINUNICODE8, "<Q"), (pickle.BINBYTES8, "<Q"))}
 _LINES = {op[0]: lines for op, lines in (
     (pickle.INT, 1), (pickle.LONG, 1), (pickle.FLOAT, 1), (pickle.STRING, 1), (pickle.UNICODE, 1), (pickle.GET, 1),
-    (pickle.PERSID, 1), (pickle.GLOBAL, 2), (pickle.INST, 2))}
+    (pickle.GLOBAL, 2), (pickle.INST, 2))}
 _PUTS = {pickle.BINPUT[0]: "<B", pickle.LONG_BINPUT[0]: "<I", pickle.PUT[0]: None}
 _REFUSED = {getattr(pickle, name)[0]: name for name in (
     "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4", "BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER")}
+_BYTES = frozenset(code[0] for code in (pickle.BINBYTES, pickle.BINBYTES8))
+_PERSISTENT_IDS = frozenset(code[0] for code in (pickle.PERSID, pickle.BINPERSID))
+_MAPPED_BYTES = 1 << 20  # payloads this large are not read: arrays view a private mapping of the file instead
 _TEXTS = frozenset(code[0] for code in (pickle.BINSTRING, pickle.BINUNICODE, pickle.BINUNICODE8))
 _LARGE_TEXT = 1 << 16  # texts this long (array data in protocol 0-2 pickles) are dropped from the memo once used
 _OPNAMES = {code[0]: name for name, code in vars(pickle).items()
@@ -431,17 +464,19 @@ class _Scan:
                 f"file has only {left} left of {self.size} (truncated or corrupt)")
 
 
-def _prescan(file: IO[bytes], size: int, source: str) -> tuple[int, bool]:
-    """Walk the opcodes of ``file`` without building anything; return the pickle protocol (0 without PROTO) and
-    whether it holds a text of at least ``_LARGE_TEXT`` characters (array data of a protocol 0-2 pickle).
+def _prescan(file: IO[bytes], size: int, source: str) -> tuple[int, bool, list[tuple[int, int, int]]]:
+    """Walk the opcodes of ``file`` without building anything; return the pickle protocol (0 without PROTO),
+    whether it holds a text of at least ``_LARGE_TEXT`` characters (array data of a protocol 0-2 pickle), and the
+    ``(position, header size, byte count)`` of every BINBYTES payload of at least ``_MAPPED_BYTES`` outside a frame.
 
     Byte counts and frame sizes must fit in the file, memo indices may grow only one at a time, and opcodes a
     checkpoint never uses are refused. Payloads are skipped, so the scan reads little more than the opcodes.
     """
     scan = _Scan(file, size, source)
     buf, pos, n = scan.buf, 0, len(scan.buf)
-    protocol = memo = 0
+    protocol = memo = frame_end = 0
     large_text = False
+    payloads: list[tuple[int, int, int]] = []
     width_of, counted, lines, puts, refused = _FIXED_WIDTH, _COUNTED, _LINES, _PUTS, _REFUSED
     while True:
         if pos + 9 > n and scan.base + n < size:  # keep the opcode and any fixed argument in the window
@@ -459,7 +494,7 @@ def _prescan(file: IO[bytes], size: int, source: str) -> tuple[int, bool]:
             memo += 1
             pos += 1
         elif op == 0x2E:  # STOP
-            return protocol, large_text
+            return protocol, large_text, payloads
         elif op == 0x80:  # PROTO
             if pos + 1 >= n:
                 raise scan.unreadable(f"it ended at byte {size} inside an opcode argument (truncated)")
@@ -474,6 +509,8 @@ def _prescan(file: IO[bytes], size: int, source: str) -> tuple[int, bool]:
             pos += 1 + width
             scan.check_count(count, op, at, scan.base + pos)
             large_text = large_text or (count >= _LARGE_TEXT and op in _TEXTS)
+            if count >= _MAPPED_BYTES and op in _BYTES and at >= frame_end:
+                payloads.append((at, 1 + width, count))
             pos += count
             if pos > n:
                 pos = scan.move(pos)
@@ -484,6 +521,7 @@ def _prescan(file: IO[bytes], size: int, source: str) -> tuple[int, bool]:
             (count,) = struct.unpack_from("<Q", buf, pos + 1)
             pos += 9
             scan.check_count(count, op, at, scan.base + pos)
+            frame_end = scan.base + pos + count
         elif op in puts:
             fmt = puts[op]
             if fmt is None:
@@ -509,6 +547,10 @@ def _prescan(file: IO[bytes], size: int, source: str) -> tuple[int, bool]:
         elif op in refused:
             raise UnsafeCheckpointError(
                 f"{source}: refused opcode {refused[op]} at byte {at}: a Paddle checkpoint never uses it")
+        elif op in _PERSISTENT_IDS:
+            raise UnsafeCheckpointError(
+                f"{source}: refused to load: the pickle uses a persistent id (at byte {at}), which a Paddle "
+                "checkpoint never contains")
         else:
             raise scan.unreadable(f"unknown opcode 0x{op:02x} at byte {at}")
 
@@ -517,17 +559,74 @@ def _prescan(file: IO[bytes], size: int, source: str) -> tuple[int, bool]:
 
 
 class _FastUnpickler(pickle.Unpickler):
-    """The C unpickler, for files that passed :func:`_prescan`; globals resolve to the guards."""
+    """The C unpickler, for files that passed :func:`_prescan`; globals resolve to the guards. ``payloads``: what
+    the persistent ids of a :class:`_Spliced` stream stand for."""
 
-    def __init__(self, file: IO[bytes], ctx: _Context):
+    def __init__(self, file: IO[bytes], ctx: _Context, payloads: list[_MappedBytes] | None = None):
         super().__init__(file, encoding="latin1")
         self.ctx = ctx
+        self.payloads = payloads or []
 
     def find_class(self, module: str, name: str):
         return self.ctx.find_class(module, name)
 
     def persistent_load(self, pid):
+        if type(pid) is int and 0 <= pid < len(self.payloads):
+            return self.payloads[pid]
         return self.ctx.persistent_load(pid)
+
+
+class _Spliced(io.RawIOBase):
+    """The pickle with each large BINBYTES opcode and its payload replaced by ``BININT k; BINPERSID``: the
+    unpickler then asks for payload ``k`` instead of reading it (the file itself had no persistent ids: the scan
+    refuses them)."""
+
+    def __init__(self, file: IO[bytes], size: int, payloads: list[tuple[int, int, int]]):
+        super().__init__()
+        self._file = file
+        self._segments: list[tuple[int, int, int | bytes]] = []  # (start, length, file offset or bytes)
+        start = offset = 0
+        for index, (at, header, count) in enumerate(payloads):
+            token = b"J" + struct.pack("<i", index) + b"Q"
+            for length, what in ((at - offset, offset), (len(token), token)):
+                if length:
+                    self._segments.append((start, length, what))
+                    start += length
+            offset = at + header + count
+        if size > offset:
+            self._segments.append((start, size - offset, offset))
+        self._starts = [segment[0] for segment in self._segments]
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        index = bisect.bisect_right(self._starts, self._pos) - 1
+        if index < 0 or index >= len(self._segments):
+            return 0
+        start, length, what = self._segments[index]
+        skip = self._pos - start
+        if skip >= length:
+            return 0
+        view = memoryview(buffer).cast("B")[:length - skip]
+        if isinstance(what, bytes):
+            got = len(what[skip:skip + len(view)])
+            view[:got] = what[skip:skip + got]
+        else:
+            self._file.seek(what + skip)
+            got = self._file.readinto(view)
+        self._pos += got
+        return got
+
+
+def _mapped_payloads(ctx: _Context, map_from: tuple[int, int], size: int,
+                     payloads: list[tuple[int, int, int]]) -> list[_MappedBytes]:
+    """One copy-on-write mapping of the pickle's bytes (``map_from``: file descriptor and offset of byte 0)."""
+    fileno, base = map_from
+    start = base - base % mmap.ALLOCATIONGRANULARITY
+    buffer = mmap.mmap(fileno, base + size - start, access=mmap.ACCESS_COPY, offset=start)
+    return [_MappedBytes(ctx, buffer, base - start + at + header, count) for at, header, count in payloads]
 
 
 class _Released:
@@ -641,17 +740,27 @@ def _finish(obj: Any, source: str, depth: int = 0) -> Any:
     raise UnsafeCheckpointError(f"{source}: unexpected {kind.__name__} in the result")
 
 
-def load_pickle(file: IO[bytes], size: int, *, source: str) -> tuple[Any, dict]:
+def load_pickle(file: IO[bytes], size: int, *, source: str,
+                map_from: tuple[int, int] | None = None) -> tuple[Any, dict]:
     """Unpickle ``file`` (``size`` bytes, seekable) safely; return ``(object, facts)``.
 
-    ``facts``: ``protocol`` (PROTO opcode value, None for protocol 0/1) and ``globals`` (sorted names used).
-    Raises UnsafeCheckpointError for anything outside the allow-list and CorruptWeightsError for a malformed file.
+    ``map_from`` (file descriptor, offset of the pickle's first byte in that file): when given, arrays of large
+    payloads are writable copy-on-write views of a mapping of the file instead of copies read into memory (like
+    safetensors' ``safe_open``; such arrays need not be aligned). ``facts``: ``protocol`` (PROTO opcode value,
+    None for protocol 0/1) and ``globals`` (sorted names used). Raises UnsafeCheckpointError for anything outside
+    the allow-list and CorruptWeightsError for a malformed file.
     """
     ctx = _Context(size, source)
     try:
-        protocol, large_text = _prescan(file, size, source)
+        protocol, large_text, payloads = _prescan(file, size, source)
         file.seek(0)
-        unpickler = (_PythonUnpickler if large_text else _FastUnpickler)(file, ctx)
+        if large_text:
+            unpickler = _PythonUnpickler(file, ctx)
+        elif payloads and map_from is not None:
+            mapped = _mapped_payloads(ctx, map_from, size, payloads)
+            unpickler = _FastUnpickler(io.BufferedReader(_Spliced(file, size, payloads)), ctx, mapped)
+        else:
+            unpickler = _FastUnpickler(file, ctx)
         obj = unpickler.load()
     except (UnsafeCheckpointError, CorruptWeightsError):
         raise

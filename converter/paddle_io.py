@@ -275,9 +275,27 @@ class _TarMember(io.RawIOBase):
     def tell(self) -> int:
         return self._pos
 
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    @property
+    def offset(self) -> int:
+        """Where the member's data starts in the archive file."""
+        return self._offset
+
     def close(self) -> None:
         self._file.close()
         super().close()
+
+
+def _map_source(fileobj: IO[bytes]) -> tuple[int, int] | None:
+    """(file descriptor, offset of the data in that file) for a plain file or a plain tar member; else None."""
+    raw = getattr(fileobj, "raw", None)
+    if isinstance(raw, _TarMember):
+        return raw.fileno(), raw.offset
+    if isinstance(raw, io.FileIO):
+        return raw.fileno(), 0
+    return None
 
 
 def _open_member(tar: tarfile.TarFile, path: Path, member: tarfile.TarInfo) -> IO[bytes]:
@@ -467,7 +485,7 @@ def _read_trained(files: _Files, name: str) -> tuple[dict, dict, dict]:
     source = files.describe(name)
     fileobj, size = files.open(name)
     with fileobj:
-        obj, facts = load_pickle(fileobj, size, source=source)
+        obj, facts = load_pickle(fileobj, size, source=source, map_from=_map_source(fileobj))
     if not isinstance(obj, dict):
         raise UnsupportedFormatError(f"{source}: the pickle holds a {type(obj).__name__}, not a state dict")
     state = dict(obj)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import fixture_data as fd
 from converter import _protobuf as pb
@@ -180,6 +181,31 @@ def test_tar_members_read_like_files(cls_dir, cls_weights, tmp_path, mode):
     inference = load(tar_path, kind="inference")
     assert list(inference) == list(cls_weights) and all(_same(inference[k], cls_weights[k]) for k in inference)
     assert inference.sha256 == cls_weights.sha256
+
+
+def test_large_payloads_are_mapped_not_read(tmp_path):
+    """Arrays of >= 1 MiB are copy-on-write views of the file (plain or inside a plain tar), equal to the saved ones,
+    writable without touching the file; smaller ones, big-endian and Fortran-order arrays keep their values."""
+    rs = np.random.RandomState(5)
+    state = {"big": rs.standard_normal((300, 1001)).astype(np.float32),  # 1.2 MB, at an unaligned offset
+             "small": rs.standard_normal(7).astype(np.float32),
+             "big_be": rs.standard_normal(300_000).astype(">f8"),
+             "big_f": np.asfortranarray(rs.standard_normal((600, 500)))}
+    path = _write_pickle(tmp_path / "best_accuracy.pdparams", state, 4)
+    original = path.read_bytes()
+    tar_path = tmp_path / "m_train.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(path, arcname="m_train/best_accuracy.pdparams")
+    for source in (path, tar_path):
+        weights = load(source)
+        for key, array in state.items():
+            assert weights[key].tolist() == array.tolist(), (source, key)
+        assert weights["big_be"].dtype == np.float64 and weights["big_f"].flags.f_contiguous
+        mapped = weights["big"]
+        assert mapped.base is not None and not isinstance(mapped.base, bytes) and mapped.flags.writeable
+        mapped[0, 0] = 42.0
+        assert torch.from_numpy(mapped).sum().item() == pytest.approx(float(mapped.astype(np.float64).sum()), rel=1e-4)
+    assert path.read_bytes() == original
 
 
 def test_appledouble_files_are_ignored(cls_dir):
