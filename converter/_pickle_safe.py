@@ -26,7 +26,8 @@ same guards, by the C unpickler (its allocations are now bounded by the checked 
 fast), or, when the file holds array data as large latin1 texts (protocol 0-2), by the pure-Python one, which drops
 each text from the memo as soon as its bytes exist, so those files also peak at about 1x their size. Data the guards
 materialize is charged against a budget of twice the file size, so a small pickle cannot expand into a memory bomb.
-Arrays keep the pickle's bytes as their buffer (no second copy).
+Arrays keep the pickle's bytes as their buffer (no second copy); payloads of 1 MiB or more are not read at all when
+the caller can map the file (``load_pickle(map_from=...)``): their arrays are copy-on-write views of the mapping.
 """
 from __future__ import annotations
 

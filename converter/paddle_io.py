@@ -10,7 +10,8 @@ Formats:
 * either of them inside a ``.tar`` (read from the members, nothing extracted) or an unpacked directory.
 
 :func:`load` is the entry point. Arrays are read straight into preallocated numpy arrays (inference) or keep
-the pickle's bytes as their buffer (trained), so the peak memory stays close to the file size.
+the pickle's bytes as their buffer (trained; large payloads of plain files and plain tar members are copy-on-write
+views of a mapping of the file instead), so the peak memory stays at or below the file size.
 """
 from __future__ import annotations
 
