@@ -612,8 +612,9 @@ class _Spliced(io.RawIOBase):
             return 0
         view = memoryview(buffer).cast("B")[:length - skip]
         if isinstance(what, bytes):
-            got = len(what[skip:skip + len(view)])
-            view[:got] = what[skip:skip + got]
+            chunk = what[skip:skip + len(view)]
+            got = len(chunk)
+            view[:got] = chunk
         else:
             self._file.seek(what + skip)
             got = self._file.readinto(view)
