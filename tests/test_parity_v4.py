@@ -20,7 +20,7 @@ import torch
 
 import fixture_data as fd
 from converter import paddle_io
-from converter.errors import FamilyError
+from converter.errors import FamilyError, KeyMismatchError
 from converter.rules import convert, detect_family
 
 ISSUE_ATOL = 1e-5
@@ -322,3 +322,30 @@ def test_materialized_server_rows_both_artifacts(conversions, programs, row, see
         else:
             assert not extra
             assert {r for _, _, r in trained.dropped} == {"nrtr_gtc_training_only"}
+
+
+@pytest.mark.parametrize("row", LCNET_ROWS[:2])
+def test_state_dict_fusion_equals_the_modules_reparameterize(conversions, row):
+    """The deploy form of a trained checkpoint is fused in the state dict (rule rep_fuse) with the function the
+    module's reparameterize() uses: the tensors are bit-identical, and every branch key is accounted for."""
+    tar = fd.train_tar(row)
+    deploy = conversions(tar, ROWS[row])
+    trained = convert(paddle_io.load(tar), ROWS[row], form="train")
+    trained.model.reparameterize()
+    fused = trained.model.state_dict()
+    assert fused.keys() == deploy.state_dict.keys()
+    assert all(torch.equal(fused[k], deploy.state_dict[k]) for k in fused)
+    fused_sources = {source for source, _new, rule in deploy.renamed if rule == "rep_fuse"}
+    assert len(fused_sources) == sum(1 for k in trained.state_dict if re.search(r"\.(conv_kxk|conv_1x1|identity)\.", k)
+                                     and not k.endswith("num_batches_tracked"))
+
+
+def test_incomplete_rep_branches_are_reported_not_fused():
+    """A layer whose branch tensors are incomplete is left as is and named by the strict key check."""
+    weights = dict(paddle_io.load(fd.train_tar("ch_PP-OCRv4_det")))
+    victim = next(k for k in weights if k.endswith("dw_conv.conv_1x1.bn._variance"))
+    del weights[victim]
+    with pytest.raises(KeyMismatchError) as info:
+        convert(weights, "PP-OCRv4_mobile_det", kind="trained")
+    layer = victim.removeprefix("Student.").rsplit(".conv_1x1.", 1)[0]
+    assert f"{layer}.reparam_conv.weight" in str(info.value) and f"{layer}.conv_kxk.0.conv.weight" in str(info.value)

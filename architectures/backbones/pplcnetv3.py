@@ -77,13 +77,47 @@ class Act(nn.Module):
         return self.lab(F.hardswish(x))
 
 
-def _fuse_conv_bn(weight: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel and bias (float64) of ``bn(conv(x))`` for a bias-free conv ``weight``."""
-    std = (bn.running_var.double() + bn.eps).sqrt()
-    factor = bn.weight.double() / std
-    kernel = weight.double() * factor.reshape(-1, 1, 1, 1)
-    bias = bn.bias.double() - bn.running_mean.double() * factor
+# (weight, bias, running_mean, running_var) of a BatchNorm, in any tensor type torch.as_tensor accepts.
+BNParams = tuple
+
+
+def _bn_factor_shift(bn: BNParams, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, shift), float64, with ``bn(y) == y * scale + shift`` in eval mode."""
+    gamma, beta, mean, var = (torch.as_tensor(t).double() for t in bn)
+    factor = gamma / (var + eps).sqrt()
+    return factor, beta - mean * factor
+
+
+def fuse_rep_branches(kxk: list[tuple[object, BNParams]], conv_1x1: tuple[object, BNParams] | None,
+                      identity: BNParams | None, eps: float = BN_EPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel and bias (float64) of one convolution equal to the sum of a LearnableRepLayer's training branches.
+
+    ``kxk``: the (conv weight, BN) pairs of ``conv_kxk.N``; ``conv_1x1``: that branch's pair (kernel > 1 only);
+    ``identity``: the identity BN (same in/out channels, stride 1). Shapes alone fix the layout: a weight is
+    [out, in / groups, k, k] and the identity is a one-hot at the kernel centre. Works on tensors and arrays, so
+    the module (:meth:`LearnableRepLayer.fused_kernel_bias`) and the converter's state-dict rule share it.
+    """
+    first = torch.as_tensor(kxk[0][0])
+    kernel = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
+    bias = torch.zeros(first.shape[0], dtype=torch.float64, device=first.device)
+    centre = kernel.shape[-1] // 2
+    branches = [(kernel, weight, bn) for weight, bn in kxk]
+    if conv_1x1 is not None:
+        branches.append((kernel[:, :, centre:centre + 1, centre:centre + 1], *conv_1x1))
+    for target, weight, bn in branches:
+        factor, shift = _bn_factor_shift(bn, eps)
+        target.addcmul_(torch.as_tensor(weight).double(), factor.reshape(-1, 1, 1, 1))
+        bias += shift
+    if identity is not None:
+        factor, shift = _bn_factor_shift(identity, eps)
+        index = torch.arange(kernel.shape[0], device=kernel.device)
+        kernel[index, index % kernel.shape[1], centre, centre] += factor
+        bias += shift
     return kernel, bias
+
+
+def _bn_params(bn: nn.BatchNorm2d) -> BNParams:
+    return bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var
 
 
 class LearnableRepLayer(nn.Module):
@@ -160,26 +194,10 @@ class LearnableRepLayer(nn.Module):
         """The deploy-form kernel and bias (computed in float64) equivalent to the training branches."""
         if self.is_repped:
             return self.reparam_conv.weight.detach().double(), self.reparam_conv.bias.detach().double()
-        kernel = torch.zeros_like(self.conv_kxk[0].conv.weight, dtype=torch.float64)
-        bias = torch.zeros(self.out_channels, dtype=torch.float64, device=kernel.device)
-        for branch in self.conv_kxk:
-            k, b = _fuse_conv_bn(branch.conv.weight, branch.bn)
-            kernel += k
-            bias += b
-        centre = self.kernel_size // 2
-        if self.kernel_size > 1:
-            k, b = _fuse_conv_bn(self.conv_1x1.conv.weight, self.conv_1x1.bn)
-            kernel[:, :, centre:centre + 1, centre:centre + 1] += k
-            bias += b
-        if self.has_identity:
-            input_dim = self.in_channels // self.groups
-            one_hot = torch.zeros_like(kernel)
-            channels = torch.arange(self.in_channels, device=kernel.device)
-            one_hot[channels, channels % input_dim, centre, centre] = 1.0
-            k, b = _fuse_conv_bn(one_hot, self.identity)
-            kernel += k
-            bias += b
-        return kernel, bias
+        return fuse_rep_branches(
+            [(branch.conv.weight.detach(), _bn_params(branch.bn)) for branch in self.conv_kxk],
+            (self.conv_1x1.conv.weight.detach(), _bn_params(self.conv_1x1.bn)) if self.kernel_size > 1 else None,
+            _bn_params(self.identity) if self.has_identity else None, eps=self.conv_kxk[0].bn.eps)
 
     @torch.no_grad()
     def reparameterize(self) -> None:

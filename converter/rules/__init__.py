@@ -8,7 +8,7 @@ the same pipeline for every family and every artifact kind (trained checkpoint o
 2. family drops ``(rule_name, regex)``: training-only branches (SAR head, ...);
 3. family renames ``(rule_name, regex, replacement)``, applied in order, then the generic
    ``bn_running_stats`` rename (``_mean`` -> ``running_mean``, ``_variance`` -> ``running_var``);
-4. family transforms ``fn(state, ctx) -> state`` (e.g. :func:`merge_lstm_aliases`);
+4. family transforms ``fn(state, ctx) -> state`` (e.g. :func:`merge_lstm_aliases`, PPLCNetV3's branch fusion);
 5. class count read from the checkpoint's head (never hard-coded per language), optional branches
    switched off when the weights do not carry them (e.g. the DB threshold branch of inference models);
 6. ``architectures.build(config)`` on the ``meta`` device (shapes only: no memory, no initialisation);
@@ -17,7 +17,7 @@ the same pipeline for every family and every artifact kind (trained checkpoint o
 7. every key must match the model exactly (names and shapes), else :class:`KeyMismatchError`;
    ``load_state_dict(strict=True, assign=True)``: the model's tensors replace the meta ones and share memory
    with the checkpoint's arrays (copied only when re-typed or read-only; a transposed Linear weight is a
-   non-contiguous view); family ``post_load`` hooks (e.g. re-parameterization).
+   non-contiguous view).
 
 Nothing is ignored silently: a key is either mapped, or dropped by a named rule (listed in
 ``Conversion.dropped``), or the conversion fails.
@@ -80,7 +80,7 @@ class FamilyRules:
     architecture); their keys, like those of every unselected sub-model, go by rule ``other_submodel``.
     ``drops``: ``(rule_name, regex)`` on stripped Paddle names. ``renames``: ``(rule_name, regex,
     replacement)`` applied in order. ``transforms``: ``fn(state, ctx) -> state`` run after the renames.
-    ``post_load``: ``fn(model, ctx)`` run after the strict load. ``submodel_configs``: for a selectable
+    ``submodel_configs``: for a selectable
     sub-model of another architecture (e.g. a distillation Teacher), prefix -> config sections
     (``backbone`` / ``neck`` / ``head`` ...) that replace the family's.
     """
@@ -92,7 +92,6 @@ class FamilyRules:
     drops: tuple[tuple[str, str], ...] = ()
     renames: tuple[tuple[str, str, str], ...] = ()
     transforms: tuple[Callable[[State, "ConversionContext"], State], ...] = ()
-    post_load: tuple[Callable[[nn.Module, "ConversionContext"], None], ...] = ()
     class_count: ClassCount | None = None
     optional_branches: tuple[OptionalBranch, ...] = ()
     submodel_configs: Mapping[str, Mapping] = field(default_factory=dict)
@@ -107,7 +106,7 @@ class FamilyRules:
 
 @dataclass
 class ConversionContext:
-    """What transforms and hooks see and record: the family, the artifact kind, the config being built."""
+    """What transforms see and record: the family, the artifact kind, the config being built."""
 
     family: str
     kind: str | None
@@ -404,10 +403,6 @@ def convert(weights: Mapping[str, np.ndarray], family: str, *, submodel: str | N
     if unloaded:  # an architecture bug: a tensor outside the state dict (a non-persistent buffer) got no values
         raise RuntimeError(f"{family}: the architecture holds tensors that no state-dict key fills: "
                            f"{', '.join(unloaded[:10])}")
-    for hook in rules.post_load:
-        hook(model, ctx)
-    if rules.post_load:
-        model.eval()  # modules a hook creates (e.g. fused convolutions) start in training mode
     if transposed:
         ctx.notes.append(f"linear_transpose: {len(transposed)} nn.Linear weight(s) transposed from [in, out]")
     logger.debug("%s: %d tensors loaded, %d keys dropped, %d renamed, %d transposed", family, len(tensors),

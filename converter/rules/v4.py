@@ -3,8 +3,9 @@
 PPLCNetV3 (the mobile backbone) is re-parameterizable. Trained checkpoints hold its training form
 (``conv_kxk.N``, ``conv_1x1``, ``identity`` branches), inference models the fused ``reparam_conv``:
 
-* ``form="deploy"`` (default) from a trained checkpoint: the weights are loaded into the training form, then
-  the model's own ``reparameterize()`` fuses them (post-load hook ``rep_fuse``);
+* ``form="deploy"`` (default) from a trained checkpoint: the branches of every layer are fused in the state
+  dict (float64 arithmetic, the function the model's own ``reparameterize()`` uses) into ``reparam_conv``
+  (rule ``rep_fuse``), and the deploy form is built directly;
 * ``form="train"`` from an inference model is impossible (a fused conv cannot be split into its branches):
   FamilyError.
 
@@ -16,8 +17,7 @@ from __future__ import annotations
 
 import re
 
-from torch import nn
-
+from architectures.backbones.pplcnetv3 import fuse_rep_branches
 from converter.errors import FamilyError
 from converter.rules import ConversionContext, FamilyRules, State
 from converter.rules.classic import CTC_CLASSES, DB_THRESHOLD
@@ -51,13 +51,15 @@ NRTR_DROPS = (
 
 _FUSED = re.compile(r"\.reparam_conv\.(weight|bias)$")
 _BRANCHES = re.compile(r"\.(conv_kxk\.\d+|conv_1x1|identity)\.")
+_BRANCH_KEY = re.compile(r"^(?P<layer>.+)\.(?:conv_kxk\.(?P<index>\d+)|(?P<branch>conv_1x1|identity))\."
+                         r"(?P<param>(?:conv|bn)\.\w+|weight|bias|running_mean|running_var)$")
+_BN_PARAMS = ("weight", "bias", "running_mean", "running_var")
 
 
 def select_rep_form(state: State, ctx: ConversionContext) -> State:
     """Build the PPLCNetV3 form that the weights hold; refuse to un-fuse an inference model.
 
-    Training-form weights asked for in the deploy form are loaded into the training form first and fused
-    after loading by :func:`fuse_rep_branches`.
+    Training-form weights asked for in the deploy form are fused here (:func:`fuse_rep_state`).
     """
     fused = sorted(k for k in state if _FUSED.search(k))
     branches = sorted(k for k in state if _BRANCHES.search(k))
@@ -73,23 +75,63 @@ def select_rep_form(state: State, ctx: ConversionContext) -> State:
             f"conv_kxk / conv_1x1 / identity branches; convert the trained checkpoint (the *_train archive) "
             f"for fine-tuning, or drop the training form to get the deploy form")
     if branches and ctx.form == "deploy":
-        ctx.config["form"] = "train"
-        ctx.notes.append("rep_fuse: the weights hold PPLCNetV3's training branches; they are loaded into the "
-                         "training form and fused into reparam_conv by the model's reparameterize()")
+        return fuse_rep_state(state, ctx)
     return state
 
 
-def fuse_rep_branches(model: nn.Module, ctx: ConversionContext) -> None:
-    """Post-load hook: fuse the training branches when the deploy form was asked for."""
-    if ctx.form == "deploy" and ctx.config.get("form") == "train":
-        model.reparameterize()
-        ctx.config["form"] = "deploy"
+def fuse_rep_state(state: State, ctx: ConversionContext) -> State:
+    """Replace every LearnableRepLayer's training branches by its fused ``reparam_conv`` (rule ``rep_fuse``).
+
+    A layer's keys must be complete (each branch a conv weight plus four BN tensors, the identity four BN
+    tensors); anything else is left in place and reported by the strict key check.
+    """
+    layers: dict[str, dict] = {}
+    for key in state:
+        match = _BRANCH_KEY.match(key)
+        if match:
+            branch = f"conv_kxk.{match['index']}" if match["index"] is not None else match["branch"]
+            layers.setdefault(match["layer"], {}).setdefault(branch, {})[match["param"]] = key
+    fused_layers = 0
+    for layer, branches in layers.items():
+        if not all(_complete(name, params) for name, params in branches.items()):
+            continue
+        kxk = sorted((name for name in branches if name.startswith("conv_kxk.")), key=lambda n: int(n[9:]))
+        if not kxk:
+            continue
+        arrays = {name: _branch_arrays(state, name, params) for name, params in branches.items()}
+        kernel, bias = fuse_rep_branches([arrays[name] for name in kxk], arrays.get("conv_1x1"),
+                                         arrays.get("identity"))
+        dtype = state[branches[kxk[0]]["conv.weight"]].dtype
+        for name, value in (("weight", kernel), ("bias", bias)):
+            state[f"{layer}.reparam_conv.{name}"] = value.numpy().astype(dtype)
+            ctx.origin[f"{layer}.reparam_conv.{name}"] = (f"{ctx.origin.get(branches[kxk[0]]['conv.weight'])} "
+                                                          f"(+ {len(branches) - 1} branch(es), fused)")
+        for params in branches.values():
+            for key in params.values():
+                ctx.renamed.append((ctx.origin.pop(key, key), f"{layer}.reparam_conv", "rep_fuse"))
+                del state[key]
+        fused_layers += 1
+    ctx.notes.append(f"rep_fuse: the weights hold PPLCNetV3's training branches; {fused_layers} layers were fused "
+                     f"into reparam_conv (float64 arithmetic) and the deploy form was built")
+    return state
+
+
+def _complete(name: str, params: dict[str, str]) -> bool:
+    wanted = _BN_PARAMS if name == "identity" else ("conv.weight", *(f"bn.{p}" for p in _BN_PARAMS))
+    return set(params) == set(wanted)
+
+
+def _branch_arrays(state: State, name: str, params: dict[str, str]):
+    """(conv weight, BN tensors) of a conv branch, or the BN tensors of the identity branch."""
+    if name == "identity":
+        return tuple(state[params[p]] for p in _BN_PARAMS)
+    return state[params["conv.weight"]], tuple(state[params[f"bn.{p}"]] for p in _BN_PARAMS)
 
 
 def _lcnet_rules(family: str, drops: tuple, **extra) -> FamilyRules:
     return FamilyRules(family=family, prefixes=("Student.", ""), foreign_prefixes=("Teacher.",),
                        drops=LCNET_DROPS + drops, renames=RELEASE_LAB_RENAMES, transforms=(select_rep_form,),
-                       post_load=(fuse_rep_branches,), **extra)
+                       **extra)
 
 
 RULES: dict[str, FamilyRules] = {
