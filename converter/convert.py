@@ -402,10 +402,7 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
         _refuse_existing(out)
     say(f"reading {source.path}")
     weights = paddle_io.load(source.path)
-    if sum(array.nbytes for array in weights.values()) >= BACKGROUND_HASH_BYTES:
-        source_sha256 = _in_background(lambda: weights.sha256)  # hashing the weight file overlaps the conversion
-    else:
-        source_sha256 = lambda: weights.sha256  # noqa: E731  (hashed on first use, then cached)
+    source_sha256 = _source_sha256(weights)
     artifact = source.artifact or weights.kind
     fam = _family_for(weights, source, family)
 
@@ -467,6 +464,19 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
         raise
     result.seconds = round(time.perf_counter() - start, 3)
     return result
+
+
+def _source_sha256(weights) -> Callable[[], str]:
+    """A function giving the weight file's sha256: the one the cache recorded when it extracted the file (if the
+    file is unchanged since), else hashed in a thread overlapping the conversion (large files) or on first use."""
+    from converter.download import recorded_sha256
+
+    recorded = recorded_sha256(weights.weight_file) if weights.weight_file is not None else None
+    if recorded is not None:
+        return lambda: recorded
+    if sum(array.nbytes for array in weights.values()) >= BACKGROUND_HASH_BYTES:
+        return _in_background(lambda: weights.sha256)
+    return lambda: weights.sha256
 
 
 def _refuse_existing(out: Path) -> None:

@@ -4,7 +4,8 @@ Cache layout (``OCRCONV_CACHE``, default ``~/.cache/ocrconv``)::
 
     archives/<filename>          verified archives (``<filename>.part`` while downloading, ``.lock`` file locks)
     index.json                   size + sha256 of every archive downloaded (trust on first use), written atomically
-    unpacked/<stem>/             extracted archives, ``unpacked/<stem>.json`` records what was extracted from which sha
+    unpacked/<stem>/             extracted archives, ``unpacked/<stem>.json`` records what was extracted from which sha,
+                                 and each file's sha256 as hashed while it was written (see :func:`recorded_sha256`)
 
 Downloads stream to ``<filename>.part`` and are renamed only when complete and verified; an interrupted download is
 resumed with an HTTP Range request (or restarted when the server ignores Range). Connection errors and 5xx answers
@@ -30,7 +31,7 @@ from filelock import FileLock
 
 from converter.errors import CorruptArchiveError, DownloadError, IntegrityError
 from converter.manifest import Artifact, ModelEntry, get_model
-from converter.unpack import find_model_dir, safe_extract
+from converter.unpack import find_model_dir, safe_extract_hashed
 
 log = logging.getLogger(__name__)
 
@@ -353,7 +354,7 @@ def fetch_artifact(entry: ModelEntry | str, artifact: str = "inference", *, cach
         if marker.exists():
             marker.unlink()
         try:
-            safe_extract(archive, target)
+            _, digests = safe_extract_hashed(archive, target)
         except CorruptArchiveError:
             with FileLock(str(archive) + ".lock"):
                 archive.unlink(missing_ok=True)
@@ -362,6 +363,35 @@ def fetch_artifact(entry: ModelEntry | str, artifact: str = "inference", *, cach
                         "download fetches it again", entry.name, artifact, archive)
             raise
         files = {str(p.relative_to(target)): p.stat().st_size for p in sorted(target.rglob("*")) if p.is_file()}
-        _write_json_atomic(marker, {"archive": archive.name, "archive_sha256": record["sha256"], "files": files})
+        hashed = {name: {"sha256": digest, "stat": _identity(target / name)} for name, digest in digests.items()}
+        _write_json_atomic(marker, {"archive": archive.name, "archive_sha256": record["sha256"], "files": files,
+                                    "digests": hashed})
     return find_model_dir(target)
+
+
+def _identity(path: Path) -> list[int]:
+    """What changes whenever a file's content may have: size, inode, mtime and ctime (ns). ctime cannot be set
+    back by tools that preserve timestamps, and a replaced file has another inode."""
+    st = path.stat()
+    return [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def recorded_sha256(path: str | Path) -> str | None:
+    """The sha256 of ``path`` recorded when the cache extracted it, if ``path`` is a file of an unpacked archive
+    that has not changed since (same size, inode, mtime and ctime); else None (the caller hashes the file).
+
+    This is what makes a conversion from a warm cache skip re-hashing its source.
+    """
+    path = Path(path).absolute()
+    folder = next((parent for parent in path.parents if parent.parent.name == "unpacked"), None)
+    if folder is None:
+        return None
+    try:
+        record = json.loads(folder.with_name(folder.name + ".json").read_text(encoding="utf-8"))
+        entry = record["digests"][path.relative_to(folder).as_posix()]
+        if entry["stat"] == _identity(path):
+            return entry["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.debug("%s: no usable recorded sha256 (%s)", path, exc)
+    return None
 

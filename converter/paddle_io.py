@@ -131,6 +131,7 @@ class PaddleWeights(dict):
 
     Attributes: ``kind`` ("trained" | "inference"), ``source`` (file, inference prefix or tar read),
     ``sha256`` (of the main weight file; hashed on first access, so reading is not slowed down by it),
+    ``weight_file`` (that file's path on disk; None when it is a tar member),
     ``program`` (ProgramInfo or None), ``info_only`` (inference: .info entries not in the program, structured
     name -> var name), ``param_names`` (structured name -> Paddle var name), ``meta`` (format facts: file,
     candidates, pickle protocol, Paddle version hints, ...).
@@ -138,10 +139,12 @@ class PaddleWeights(dict):
 
     def __init__(self, arrays: dict[str, np.ndarray], *, kind: str, source: Path, sha256: str | Callable[[], str],
                  program: ProgramInfo | None = None, info_only: dict[str, str] | None = None,
-                 param_names: dict[str, str] | None = None, meta: dict | None = None):
+                 param_names: dict[str, str] | None = None, meta: dict | None = None,
+                 weight_file: Path | None = None):
         super().__init__(arrays)
         self.kind = kind
         self.source = Path(source)
+        self.weight_file = weight_file
         self._sha256 = sha256
         self.program = program
         self.info_only = dict(info_only or {})
@@ -178,6 +181,10 @@ class _Files:
         self._sizer = sizer
         self.root = root
         self.container = container
+
+    def disk_path(self, name: str) -> Path | None:
+        """The file ``name`` on disk; None for a tar member."""
+        return None if self.container else Path(self.names[name])
 
     def hasher(self, name: str) -> Callable[[], str]:
         """A function that re-opens ``name`` (also after the tar is closed) and returns its sha256."""
@@ -743,14 +750,15 @@ def load(path: str | os.PathLike, *, prefer: str | None = None, kind: str | None
             common["archive"] = str(files.root)
         if choice.kind == "inference":
             arrays, info, info_only, param_names, meta = _read_inference(files, choice.name)
-            digest = files.hasher(f"{choice.name}.pdiparams")
+            main = f"{choice.name}.pdiparams"
             source = files.root if files.container else files.root / choice.name
-            weights = PaddleWeights(arrays, kind="inference", source=source, sha256=digest, program=info,
-                                    info_only=info_only, param_names=param_names, meta={**meta, **common})
+            weights = PaddleWeights(arrays, kind="inference", source=source, sha256=files.hasher(main),
+                                    program=info, info_only=info_only, param_names=param_names,
+                                    meta={**meta, **common}, weight_file=files.disk_path(main))
         else:
             arrays, param_names, meta = _read_trained(files, choice.name)
-            digest = files.hasher(choice.name)
-            weights = PaddleWeights(arrays, kind="trained", source=files.path(choice.name), sha256=digest,
-                                    param_names=param_names, meta={**meta, **common})
+            weights = PaddleWeights(arrays, kind="trained", source=files.path(choice.name),
+                                    sha256=files.hasher(choice.name), param_names=param_names,
+                                    meta={**meta, **common}, weight_file=files.disk_path(choice.name))
     log.debug("read %r", weights)
     return weights

