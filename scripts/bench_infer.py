@@ -4,9 +4,9 @@
 For each family the inference model of its reference fixture row (``../shared/fixtures``, random weights with the
 release architecture; graph rows are materialized once) is converted with ``converter.rules.convert`` (deploy
 form) and timed next to Paddle Inference running the same program with its default CPU optimisations (IR passes,
-oneDNN). Same thread count on both sides (1 and 2 by default), the same input, warm-up excluded, median of
-``--runs`` timed calls (``--server-runs`` for the server models); PyTorch and Paddle take turns in blocks of runs
-so that both see the same background load.
+oneDNN). Same thread count on both sides (1 and 2 by default), the same input, warm-up (>= 3 calls and >= 1 s
+per side) excluded, median of ``--runs`` timed calls (``--server-runs`` for the server models); PyTorch and
+Paddle take turns in blocks of runs so that both see the same background load.
 
 Inputs: det 1x3x640x640; rec 1x3xHx320 and 8x3xHx320 (H = 32 for the CRNN v2.0 / PP-OCRv2 families, else 48);
 cls 8x3x48x192. PyTorch runs under ``torch.inference_mode()``; ``--channels-last`` converts model and input.
@@ -105,13 +105,17 @@ class PaddlePredictor:
         return [out.copy_to_cpu() for out in self.outputs]
 
 
-def _median_seconds(fns, warmup: int, runs: int, blocks: int = 4) -> list[float]:
+def _median_seconds(fns, warmup: int, runs: int, blocks: int = 4, warmup_s: float = 1.0) -> list[float]:
     """Median wall time of each callable. The callables take turns in ``blocks`` blocks of consecutive runs, so
     that both see the same background load; a pause before each block lets the other runtime's OpenMP worker
-    threads stop spinning (interleaving single calls makes two multi-threaded runtimes fight for the cores)."""
+    threads stop spinning (interleaving single calls makes two multi-threaded runtimes fight for the cores).
+    Warm-up: at least ``warmup`` calls and ``warmup_s`` seconds per callable (oneDNN kernel generation, thread
+    pools and allocator caches settle; a fixed count was too short for the first measurement of a run)."""
     for fn in fns:
-        for _ in range(warmup):
+        start, count = time.perf_counter(), 0
+        while count < warmup or time.perf_counter() - start < warmup_s:
             fn()
+            count += 1
     times: list[list[float]] = [[] for _ in fns]
     per_block = [runs // blocks + (1 if i < runs % blocks else 0) for i in range(blocks)]
     for count in per_block:
