@@ -138,6 +138,11 @@ def test_model_shares_the_checkpoint_memory_and_copies_only_what_it_must(templat
     assert not fc.is_contiguous() and torch.equal(fc, torch.from_numpy(weights["head.fc.weight"].T.copy()))
     assert_loaded(conversion, expected_torch(templates["ppocr_mobile_v2.0_cls"],
                                              {**weights, frozen: weights[frozen].copy()}))
+    # the model is loaded on first use, and holds the state dict's very tensors
+    assert not conversion._loaded
+    model_tensors = dict(conversion.model.state_dict())
+    assert conversion._loaded and conversion.model is conversion.model
+    assert all(model_tensors[k].data_ptr() == t.data_ptr() for k, t in conversion.state_dict.items())
 
 
 @pytest.mark.parametrize("prefix", ["Student.", "student_model."])

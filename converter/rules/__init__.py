@@ -14,10 +14,10 @@ the same pipeline for every family and every artifact kind (trained checkpoint o
 6. ``architectures.build(config)`` on the ``meta`` device (shapes only: no memory, no initialisation);
    2-D weights of ``nn.Linear`` modules (found by module type) are transposed from Paddle's [in, out];
    BatchNorm ``num_batches_tracked`` buffers are added (rule ``bn_num_batches_tracked``);
-7. every key must match the model exactly (names and shapes), else :class:`KeyMismatchError`;
-   ``load_state_dict(strict=True, assign=True)``: the model's tensors replace the meta ones and share memory
-   with the checkpoint's arrays (copied only when re-typed or read-only; a transposed Linear weight is a
-   non-contiguous view).
+7. every key must match the model exactly (names and shapes), else :class:`KeyMismatchError`; the state dict
+   shares memory with the checkpoint's arrays (copied only when re-typed or read-only; a transposed Linear
+   weight is a non-contiguous view). ``Conversion.model`` loads it (``load_state_dict(strict=True,
+   assign=True)``) into the meta-device model on first use.
 
 Nothing is ignored silently: a key is either mapped, or dropped by a named rule (listed in
 ``Conversion.dropped``), or the conversion fails.
@@ -131,9 +131,12 @@ class ConversionContext:
 
 @dataclass
 class Conversion:
-    """Result of :func:`convert`."""
+    """Result of :func:`convert`: the PyTorch ``state_dict`` and what the rules did.
 
-    model: nn.Module
+    ``model`` is the PyTorch model holding ``state_dict`` (same memory); it is loaded on first use, since
+    writing the weights needs only the state dict.
+    """
+
     state_dict: dict[str, torch.Tensor]
     config: dict
     dropped: list[tuple[str, tuple[int, ...], str]]
@@ -141,6 +144,21 @@ class Conversion:
     notes: list[str]
     transposed: list[str]
     added: list[tuple[str, str]]
+    _model: nn.Module = field(repr=False, default=None)
+    _loaded: bool = field(repr=False, default=False)
+
+    @property
+    def model(self) -> nn.Module:
+        """The model (built on the meta device at conversion), its tensors replaced by ``state_dict``'s."""
+        if not self._loaded:
+            self._model.load_state_dict(self.state_dict, strict=True, assign=True)
+            unloaded = [name for name, t in (*self._model.named_parameters(), *self._model.named_buffers())
+                        if t.is_meta]
+            if unloaded:  # an architecture bug: a tensor outside the state dict (non-persistent buffer)
+                raise RuntimeError(f"{self.config.get('family')}: the architecture holds tensors that no state-dict "
+                                   f"key fills: {', '.join(unloaded[:10])}")
+            self._loaded = True
+        return self._model
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -398,18 +416,12 @@ def convert(weights: Mapping[str, np.ndarray], family: str, *, submodel: str | N
         hint = f"these weights look like family {guess!r}" if guess and guess != family else None
         raise KeyMismatchError(_mismatch_message(family, ctx, missing, unexpected, wrong_shape, model_sd, tensors,
                                                  hint))
-    model.load_state_dict(tensors, strict=True, assign=True)
-    unloaded = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    if unloaded:  # an architecture bug: a tensor outside the state dict (a non-persistent buffer) got no values
-        raise RuntimeError(f"{family}: the architecture holds tensors that no state-dict key fills: "
-                           f"{', '.join(unloaded[:10])}")
     if transposed:
         ctx.notes.append(f"linear_transpose: {len(transposed)} nn.Linear weight(s) transposed from [in, out]")
     logger.debug("%s: %d tensors loaded, %d keys dropped, %d renamed, %d transposed", family, len(tensors),
                  len(ctx.dropped), len(ctx.renamed), len(transposed))
-    return Conversion(model=model, state_dict={k: v.detach() for k, v in model.state_dict().items()},
-                      config=ctx.config, dropped=ctx.dropped, renamed=ctx.renamed, notes=ctx.notes,
-                      transposed=transposed, added=added)
+    return Conversion(state_dict={key: tensors[key] for key in model_sd}, config=ctx.config, dropped=ctx.dropped,
+                      renamed=ctx.renamed, notes=ctx.notes, transposed=transposed, added=added, _model=model)
 
 
 _SIGNATURES: dict[str, dict[str, tuple[int, ...]]] = {}
