@@ -349,3 +349,11 @@ def test_incomplete_rep_branches_are_reported_not_fused():
         convert(weights, "PP-OCRv4_mobile_det", kind="trained")
     layer = victim.removeprefix("Student.").rsplit(".conv_1x1.", 1)[0]
     assert f"{layer}.reparam_conv.weight" in str(info.value) and f"{layer}.conv_kxk.0.conv.weight" in str(info.value)
+
+
+def test_rep_branches_of_mismatched_shapes_are_named():
+    weights = dict(paddle_io.load(fd.train_tar("ch_PP-OCRv4_det")))
+    victim = next(k for k in weights if k.endswith("pw_conv.conv_kxk.1.bn._mean"))
+    weights[victim] = weights[victim][:-1].copy()
+    with pytest.raises(FamilyError, match=r"cannot be fused.*" + re.escape(victim)):
+        convert(weights, "PP-OCRv4_mobile_det", kind="trained")

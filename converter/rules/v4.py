@@ -99,8 +99,14 @@ def fuse_rep_state(state: State, ctx: ConversionContext) -> State:
         if not kxk:
             continue
         arrays = {name: _branch_arrays(state, name, params) for name, params in branches.items()}
-        kernel, bias = fuse_rep_branches([arrays[name] for name in kxk], arrays.get("conv_1x1"),
-                                         arrays.get("identity"))
+        try:
+            kernel, bias = fuse_rep_branches([arrays[name] for name in kxk], arrays.get("conv_1x1"),
+                                             arrays.get("identity"))
+        except (RuntimeError, IndexError) as exc:  # shapes that do not fit together
+            shapes = ", ".join(f"{ctx.origin.get(key, key)} {list(state[key].shape)}"
+                               for params in branches.values() for key in params.values())
+            raise FamilyError(f"{ctx.family}: the training branches of {layer} cannot be fused ({exc}): "
+                              f"{shapes}") from exc
         dtype = state[branches[kxk[0]]["conv.weight"]].dtype
         for name, value in (("weight", kernel), ("bias", bias)):
             state[f"{layer}.reparam_conv.{name}"] = value.numpy().astype(dtype)
