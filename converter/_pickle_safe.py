@@ -416,7 +416,7 @@ _REFUSED = {getattr(pickle, name)[0]: name for name in (
     "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4", "BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER")}
 _BYTES = frozenset(code[0] for code in (pickle.BINBYTES, pickle.BINBYTES8))
 _PERSISTENT_IDS = frozenset(code[0] for code in (pickle.PERSID, pickle.BINPERSID))
-_MAPPED_BYTES = 1 << 20  # payloads this large are not read: arrays view a private mapping of the file instead
+MAPPED_BYTES = 1 << 20  # payloads this large are not read: arrays view a private mapping of the file instead
 _TEXTS = frozenset(code[0] for code in (pickle.BINSTRING, pickle.BINUNICODE, pickle.BINUNICODE8))
 _LARGE_TEXT = 1 << 16  # texts this long (array data in protocol 0-2 pickles) are dropped from the memo once used
 _OPNAMES = {code[0]: name for name, code in vars(pickle).items()
@@ -468,7 +468,7 @@ class _Scan:
 def _prescan(file: IO[bytes], size: int, source: str) -> tuple[int, bool, list[tuple[int, int, int]]]:
     """Walk the opcodes of ``file`` without building anything; return the pickle protocol (0 without PROTO),
     whether it holds a text of at least ``_LARGE_TEXT`` characters (array data of a protocol 0-2 pickle), and the
-    ``(position, header size, byte count)`` of every BINBYTES payload of at least ``_MAPPED_BYTES`` outside a frame.
+    ``(position, header size, byte count)`` of every BINBYTES payload of at least ``MAPPED_BYTES`` outside a frame.
 
     Byte counts and frame sizes must fit in the file, memo indices may grow only one at a time, and opcodes a
     checkpoint never uses are refused. Payloads are skipped, so the scan reads little more than the opcodes.
@@ -510,7 +510,7 @@ def _prescan(file: IO[bytes], size: int, source: str) -> tuple[int, bool, list[t
             pos += 1 + width
             scan.check_count(count, op, at, scan.base + pos)
             large_text = large_text or (count >= _LARGE_TEXT and op in _TEXTS)
-            if count >= _MAPPED_BYTES and op in _BYTES and at >= frame_end:
+            if count >= MAPPED_BYTES and op in _BYTES and at >= frame_end:
                 payloads.append((at, 1 + width, count))
             pos += count
             if pos > n:

@@ -19,6 +19,7 @@ import hashlib
 import io
 import logging
 import math
+import mmap
 import os
 import posixpath
 import tarfile
@@ -30,7 +31,7 @@ from typing import IO, Any, Callable, Iterable
 import numpy as np
 
 from converter import _protobuf as pb
-from converter._pickle_safe import load_pickle
+from converter._pickle_safe import MAPPED_BYTES, load_pickle
 from converter.errors import CorruptWeightsError, UnsupportedFormatError
 
 log = logging.getLogger(__name__)
@@ -562,12 +563,40 @@ class BoundedReader:
         self.pos += done
 
 
+    def skip(self, n: int) -> None:
+        """Move ``n`` bytes forward without reading them."""
+        self._check(n)
+        self.file.seek(n, io.SEEK_CUR)
+        self.pos += n
+
+
+class _ParamsMapping:
+    """A private (copy-on-write) mapping of a ``.pdiparams`` file, made on first use, that large tensors view
+    instead of being read: like the large payloads of checkpoints (``MAPPED_BYTES``)."""
+
+    def __init__(self, map_from: tuple[int, int], size: int):
+        self.fileno, self.base = map_from
+        self.size = size
+        self._buffer: mmap.mmap | None = None
+
+    def array(self, offset: int, dtype: np.dtype, shape: list[int]) -> np.ndarray:
+        """A writable view of the data at ``offset`` (from the start of the params file)."""
+        start = self.base - self.base % mmap.ALLOCATIONGRANULARITY
+        if self._buffer is None:
+            self._buffer = mmap.mmap(self.fileno, self.base + self.size - start, access=mmap.ACCESS_COPY,
+                                     offset=start)
+        count = math.prod(shape)
+        return np.frombuffer(self._buffer, dtype, count=count, offset=self.base - start + offset).reshape(shape)
+
+
 def _u32(reader: BoundedReader) -> int:
     return int.from_bytes(reader.read(4), "little")
 
 
-def _read_tensor(reader: BoundedReader, var: pb.VarDesc, source: str) -> np.ndarray:
-    """Read one serialized DenseTensor (Paddle's SerializeToStream) for ``var`` and check it against the program."""
+def _read_tensor(reader: BoundedReader, var: pb.VarDesc, source: str,
+                 mapping: _ParamsMapping | None = None) -> np.ndarray:
+    """Read one serialized DenseTensor (Paddle's SerializeToStream) for ``var`` and check it against the program.
+    With a ``mapping``, data of ``MAPPED_BYTES`` or more is not read: the array views the mapping."""
     offset = reader.pos
 
     def corrupt(why: str) -> CorruptWeightsError:
@@ -614,6 +643,10 @@ def _read_tensor(reader: BoundedReader, var: pb.VarDesc, source: str) -> np.ndar
     if nbytes > reader.size - reader.pos:
         raise corrupt(f"data of shape {desc.dims} {np.dtype(dtype).name} needs {nbytes} bytes at byte {reader.pos}, "
                       f"the file has {reader.size - reader.pos} left")
+    if mapping is not None and nbytes >= MAPPED_BYTES:
+        array = mapping.array(reader.pos, np.dtype(dtype), list(desc.dims))
+        reader.skip(nbytes)
+        return array
     array = np.empty(desc.dims, dtype=dtype)
     if nbytes:
         reader.readinto(array)
@@ -654,8 +687,10 @@ def _read_inference(files: _Files, prefix: str) -> tuple[dict, ProgramInfo, dict
     fileobj, size = files.open(params_name)
     with fileobj:
         reader = BoundedReader(fileobj, size, source)
+        map_from = _map_source(fileobj)
+        mapping = _ParamsMapping(map_from, size) if map_from is not None else None
         for spec in info.params:
-            by_var[spec.name] = _read_tensor(reader, info.vars[spec.name], source)
+            by_var[spec.name] = _read_tensor(reader, info.vars[spec.name], source, mapping)
         if reader.pos != size:
             raise CorruptWeightsError(
                 f"{source}: {size - reader.pos} unread bytes after the {len(info.params)} program parameters "

@@ -6,6 +6,7 @@ import collections
 import hashlib
 import io
 import json
+import mmap
 import os
 import pickle
 import struct
@@ -206,6 +207,34 @@ def test_large_payloads_are_mapped_not_read(tmp_path):
         mapped[0, 0] = 42.0
         assert torch.from_numpy(mapped).sum().item() == pytest.approx(float(mapped.astype(np.float64).sum()), rel=1e-4)
     assert path.read_bytes() == original
+
+
+def test_large_inference_tensors_are_mapped_not_read(tmp_path):
+    """.pdiparams tensors of >= 1 MiB are copy-on-write views of the file (plain, or a plain tar member), equal to
+    what a full read gives (a gzip tar cannot be mapped), and writable without touching the file."""
+    tar = fd.infer_tar("ch_PP-OCRv4_rec")
+    gz = tmp_path / "model.tar.gz"
+    with tarfile.open(tar) as src, tarfile.open(gz, "w:gz", compresslevel=1) as dst:
+        for member in src.getmembers():
+            dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+    read = load(gz)
+    big = [key for key, array in read.items() if array.nbytes >= 1 << 20]
+    assert big and all(read[key].flags.owndata for key in big)
+    folder = _extract(tar, tmp_path / "plain")
+    params = next(folder.rglob("inference.pdiparams"))
+    original = params.read_bytes()
+    for source in (tar, params.parent):
+        weights = load(source)
+        assert weights.keys() == read.keys()
+        assert all(np.array_equal(weights[key], read[key]) for key in read)
+        for key in big:
+            array = weights[key]
+            root = array
+            while isinstance(root, np.ndarray):
+                root = root.base
+            assert isinstance(getattr(root, "obj", root), mmap.mmap) and array.flags.writeable, key
+            array.fill(7.0)
+    assert params.read_bytes() == original
 
 
 def test_appledouble_files_are_ignored(cls_dir):
