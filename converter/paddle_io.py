@@ -10,8 +10,10 @@ Formats:
 * either of them inside a ``.tar`` (read from the members, nothing extracted) or an unpacked directory.
 
 :func:`load` is the entry point. Arrays are read straight into preallocated numpy arrays (inference) or keep
-the pickle's bytes as their buffer (trained; large payloads of plain files and plain tar members are copy-on-write
-views of a mapping of the file instead), so the peak memory stays at or below the file size.
+the pickle's bytes as their buffer (trained), so the peak memory stays at or below the file size. In plain files
+and plain tar members, data of ``MAPPED_BYTES`` (1 MiB) or more is not read at all, in both formats: such arrays
+are writable copy-on-write views of a private mapping of the file (possibly unaligned; numpy and torch accept
+that). As with any mapping, truncating the file in place while they live would fault; the cache never does that.
 """
 from __future__ import annotations
 
