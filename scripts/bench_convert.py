@@ -173,8 +173,16 @@ def _child_existing(path: str, kind: str, family: str, folder: str, out: str, re
     _rules, ctx, state = _prepare(weights, family, None, form, kind)
     config = ctx.config
     to_load = {name: source for name, source in ctx.origin.items() if name in state}
-    if kind == "inference":  # jit.load keys its state dict param_N; the first load's tensor names are the program's
-        key_of = {value.name: key for key, value in paddle.jit.load(path).state_dict().items()}
+    if kind == "inference":
+        # jit.load keys its state dict param_N, in the program's parameter order (the order ocrconv reads them in);
+        # its tensor names are the variable names, made unique with a suffix (bn2a_branch1_mean -> ..._mean_0)
+        loaded_once = paddle.jit.load(path).state_dict()
+        var_names = list(weights.param_names.values())
+        if len(var_names) != len(loaded_once) or not all(
+                value.name == var or value.name.startswith(var + "_")
+                for var, value in zip(var_names, loaded_once.values())):
+            raise RuntimeError(f"{path}: paddle.jit.load lists the parameters in another order")
+        key_of = dict(zip(var_names, loaded_once))
         to_load = {name: key_of[weights.param_names.get(source, source)] for name, source in to_load.items()}
     del weights, state
     written = []
