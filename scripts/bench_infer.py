@@ -9,7 +9,8 @@ per side) excluded, median of ``--runs`` timed calls (``--server-runs`` for the 
 Paddle take turns in blocks of runs so that both see the same background load.
 
 Inputs: det 1x3x640x640; rec 1x3xHx320 and 8x3xHx320 (H = 32 for the CRNN v2.0 / PP-OCRv2 families, else 48);
-cls 8x3x48x192. PyTorch runs under ``torch.inference_mode()``; ``--channels-last`` converts model and input.
+cls 8x3x48x192. PyTorch runs under ``torch.inference_mode()``; ``--channels-last`` converts model and input. Each family runs in
+a fresh process.
 
 Memory: Paddle Inference keeps freed memory in its own allocator; PyTorch's CPU tensors come from malloc, which
 hands large blocks back to the kernel, so every call pays page faults on its fresh feature maps (up to ~15% of a
@@ -185,6 +186,28 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _family_in_subprocess(family: str, argv: list[str]) -> list[dict]:
+    """Run one family in a fresh process: Paddle predictors, their thread pools and PyTorch's caches of the
+    families measured before would otherwise stay alive and slow down later measurements (both sides, unevenly;
+    the cls model ran 3x slower as the last of 13 families in one process than on its own)."""
+    import subprocess
+    import tempfile
+
+    kept, skip = [], False
+    for arg in argv:  # every option but --family / --json, which are set per family
+        if skip:
+            skip = False
+        elif arg in ("--family", "--json"):
+            skip = True
+        elif not arg.startswith(("--family=", "--json=")):
+            kept.append(arg)
+    with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
+        out = Path(tmp) / "family.json"
+        subprocess.run([sys.executable, __file__, *kept, "--family", family, "--json", str(out)], check=True,
+                       stdout=subprocess.DEVNULL)
+        return json.loads(out.read_text())["results"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", action="append", choices=sorted(FAMILY_ROWS),
@@ -203,11 +226,13 @@ def main(argv: list[str] | None = None) -> int:
 
     families = args.family or [f for f in FAMILY_ROWS if f in RULES and f in architectures.FAMILIES]
     threads = args.threads or [1, 2]
-    unpacked: dict[str, Path] = {}
     results = []
-    for family in families:
-        runs = args.server_runs if family in SERVER_FAMILIES else args.runs
-        results += bench_family(family, threads, runs, args.warmup, args.channels_last, unpacked)
+    if len(families) > 1:
+        for family in families:
+            results += _family_in_subprocess(family, argv if argv is not None else sys.argv[1:])
+    else:
+        runs = args.server_runs if families[0] in SERVER_FAMILIES else args.runs
+        results += bench_family(families[0], threads, runs, args.warmup, args.channels_last, {})
     print(table(results))
     if args.json:
         tmp = args.json.with_name(args.json.name + ".tmp")
