@@ -15,7 +15,8 @@ a fresh process.
 Memory: Paddle Inference keeps freed memory in its own allocator; PyTorch's CPU tensors come from malloc, which
 hands large blocks back to the kernel, so every call pays page faults on its fresh feature maps (up to ~15% of a
 det model's time). ``--huge-pages`` sets PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` (2 MB-aligned allocations with
-transparent huge pages, 512x fewer faults) before torch is imported; the JSON records the setting.
+transparent huge pages, 512x fewer faults) before torch is imported; ``--keep-freed-memory`` runs each family with
+glibc tunables that keep freed blocks of up to 32 MB in the heap. The JSON records both settings.
 
     python scripts/bench_infer.py                       # every family
     python scripts/bench_infer.py --family PP-OCRv4_mobile_rec --threads 1 --json out.json
@@ -34,6 +35,9 @@ import numpy as np
 
 if "--huge-pages" in sys.argv:  # read once by PyTorch's CPU allocator: must be set before torch is imported
     os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+# glibc keeps freed blocks of up to 32 MB (its ceiling) in the heap instead of returning them to the kernel:
+# read by glibc at process start, so it is set for the per-family child processes
+KEEP_FREED_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=2147483647"
 
 import torch  # noqa: E402
 
@@ -160,6 +164,7 @@ def bench_family(family: str, threads: list[int], runs: int, warmup: int, channe
                             "runs": runs, "torch_ms": torch_s * 1e3, "paddle_ms": paddle_s * 1e3,
                             "ratio": torch_s / paddle_s, "channels_last": channels_last,
                             "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+                            "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
                             "paddle_config": predictor.optimisations})
             print(f"{family:24s} {results[-1]['shape']:>12s} threads={n_threads} torch {torch_s * 1e3:9.2f} ms  "
                   f"paddle {paddle_s * 1e3:9.2f} ms  ratio {torch_s / paddle_s:5.2f}", file=sys.stderr, flush=True)
@@ -203,8 +208,11 @@ def _family_in_subprocess(family: str, argv: list[str]) -> list[dict]:
             kept.append(arg)
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
         out = Path(tmp) / "family.json"
+        env = dict(os.environ)
+        if "--keep-freed-memory" in kept:
+            env["GLIBC_TUNABLES"] = KEEP_FREED_TUNABLES
         subprocess.run([sys.executable, __file__, *kept, "--family", family, "--json", str(out)], check=True,
-                       stdout=subprocess.DEVNULL)
+                       stdout=subprocess.DEVNULL, env=env)
         return json.loads(out.read_text())["results"]
 
 
@@ -219,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels-last", action="store_true", help="run PyTorch in channels_last memory format")
     parser.add_argument("--huge-pages", action="store_true",
                         help="PyTorch allocations with transparent huge pages (THP_MEM_ALLOC_ENABLE=1)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help=f"run each family with GLIBC_TUNABLES={KEEP_FREED_TUNABLES} (freed feature maps up "
+                             f"to 32 MB stay in the heap: no page faults on them at the next call)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
 

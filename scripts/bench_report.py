@@ -21,7 +21,8 @@ from importlib import metadata
 from pathlib import Path
 
 MB = 1e6
-SOURCES = {"read": "read.json", "convert": "convert.json", "infer": "infer.json", "gpu": "gpu.json"}
+SOURCES = {"read": "read.json", "convert": "convert.json", "infer": "infer.json",
+           "infer_keep_freed": "infer_keep_freed.json", "gpu": "gpu.json"}
 
 
 def machine() -> dict:
@@ -191,13 +192,22 @@ def section_convert(data: dict | None) -> list[str]:
     return out
 
 
-def section_infer(data: dict | None) -> list[str]:
-    out = ["## CPU inference: PyTorch (converted) vs Paddle Inference", ""]
-    if data is None:
-        return out + ["Not run (no `infer.json`; `scripts/bench_infer.py --json bench/infer.json`).", ""]
-    out += [f"Source: `scripts/bench_infer.py`. Median ms per call; ratio = PyTorch / Paddle Inference "
-            f"(< 1: PyTorch faster); Paddle Inference with its default CPU optimisations; torch "
-            f"{data.get('torch', '?')}.", ""]
+def section_infer(data: dict | None, keep_freed: bool = False) -> list[str]:
+    if keep_freed:
+        out = ["### The same with freed memory kept in the heap (`--keep-freed-memory`)", ""]
+        if data is None:
+            return out + ["Not run (`scripts/bench_infer.py --keep-freed-memory --json bench/infer_keep_freed.json`).",
+                          ""]
+        out += ["Both sides in processes started with `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:"
+                "glibc.malloc.trim_threshold=2147483647`: feature maps of up to 32 MB are reused from the heap "
+                "instead of being faulted in again at every call (larger ones still are).", ""]
+    else:
+        out = ["## CPU inference: PyTorch (converted) vs Paddle Inference", ""]
+        if data is None:
+            return out + ["Not run (no `infer.json`; `scripts/bench_infer.py --json bench/infer.json`).", ""]
+        out += [f"Source: `scripts/bench_infer.py`, each family in a fresh process. Median ms per call; ratio = "
+                f"PyTorch / Paddle Inference (< 1: PyTorch faster); Paddle Inference with its default CPU "
+                f"optimisations; torch {data.get('torch', '?')}.", ""]
     rows = [[r["family"], r["shape"], r["threads"], r["runs"], _f(r["torch_ms"], ".2f"), _f(r["paddle_ms"], ".2f"),
              _f(r["ratio"], ".2f")] for r in data["results"]]
     out += _table(["family", "input", "threads", "runs", "torch ms", "paddle ms", "ratio"], rows)
@@ -270,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += section_convert(loaded["convert"])
     lines += section_read(loaded["read"])
     lines += section_infer(loaded["infer"])
+    lines += section_infer(loaded["infer_keep_freed"], keep_freed=True)
     lines += section_gpu(loaded["gpu"])
     results = {"machine": info, **loaded}
     for name, text in (("results.md", "\n".join(lines).rstrip() + "\n"),
