@@ -622,13 +622,19 @@ class _Spliced(io.RawIOBase):
         return got
 
 
+def private_mapping(map_from: tuple[int, int], size: int) -> tuple[mmap.mmap, int]:
+    """A private (copy-on-write) mapping of the ``size`` bytes at ``map_from`` (file descriptor, offset in that
+    file), and where the first of them lies in it (a mapping starts at a multiple of the allocation granularity)."""
+    fileno, base = map_from
+    start = base - base % mmap.ALLOCATIONGRANULARITY
+    return mmap.mmap(fileno, base + size - start, access=mmap.ACCESS_COPY, offset=start), base - start
+
+
 def _mapped_payloads(ctx: _Context, map_from: tuple[int, int], size: int,
                      payloads: list[tuple[int, int, int]]) -> list[_MappedBytes]:
     """One copy-on-write mapping of the pickle's bytes (``map_from``: file descriptor and offset of byte 0)."""
-    fileno, base = map_from
-    start = base - base % mmap.ALLOCATIONGRANULARITY
-    buffer = mmap.mmap(fileno, base + size - start, access=mmap.ACCESS_COPY, offset=start)
-    return [_MappedBytes(ctx, buffer, base - start + at + header, count) for at, header, count in payloads]
+    buffer, origin = private_mapping(map_from, size)
+    return [_MappedBytes(ctx, buffer, origin + at + header, count) for at, header, count in payloads]
 
 
 class _Released:

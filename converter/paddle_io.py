@@ -33,7 +33,7 @@ from typing import IO, Any, Callable, Iterable
 import numpy as np
 
 from converter import _protobuf as pb
-from converter._pickle_safe import MAPPED_BYTES, load_pickle
+from converter._pickle_safe import MAPPED_BYTES, load_pickle, private_mapping
 from converter.errors import CorruptWeightsError, UnsupportedFormatError
 
 log = logging.getLogger(__name__)
@@ -564,7 +564,6 @@ class BoundedReader:
             done += got
         self.pos += done
 
-
     def skip(self, n: int) -> None:
         """Move ``n`` bytes forward without reading them."""
         self._check(n)
@@ -577,18 +576,16 @@ class _ParamsMapping:
     instead of being read: like the large payloads of checkpoints (``MAPPED_BYTES``)."""
 
     def __init__(self, map_from: tuple[int, int], size: int):
-        self.fileno, self.base = map_from
-        self.size = size
-        self._buffer: mmap.mmap | None = None
+        self._map_from = map_from
+        self._size = size
+        self._mapping: tuple[mmap.mmap, int] | None = None
 
     def array(self, offset: int, dtype: np.dtype, shape: list[int]) -> np.ndarray:
         """A writable view of the data at ``offset`` (from the start of the params file)."""
-        start = self.base - self.base % mmap.ALLOCATIONGRANULARITY
-        if self._buffer is None:
-            self._buffer = mmap.mmap(self.fileno, self.base + self.size - start, access=mmap.ACCESS_COPY,
-                                     offset=start)
-        count = math.prod(shape)
-        return np.frombuffer(self._buffer, dtype, count=count, offset=self.base - start + offset).reshape(shape)
+        if self._mapping is None:
+            self._mapping = private_mapping(self._map_from, self._size)
+        buffer, origin = self._mapping
+        return np.frombuffer(buffer, dtype, count=math.prod(shape), offset=origin + offset).reshape(shape)
 
 
 def _u32(reader: BoundedReader) -> int:
