@@ -172,7 +172,7 @@ def _child_existing(path: str, kind: str, family: str, folder: str, out: str, re
     # weights hold (PaddleOCR2Pytorch loads PPLCNetV3 training branches as they are, without fusing them).
     weights = paddle_io.load(folder, kind=kind)
     form = "train" if any(".conv_kxk." in key for key in weights) else "deploy"
-    _rules, ctx, state = _prepare(weights, family, None, form, kind)
+    ctx, state = _prepare(weights, family, None, form, kind)
     config = ctx.config
     to_load = {name: source for name, source in ctx.origin.items() if name in state}
     if kind == "inference":

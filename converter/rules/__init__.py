@@ -80,9 +80,8 @@ class FamilyRules:
     architecture); their keys, like those of every unselected sub-model, go by rule ``other_submodel``.
     ``drops``: ``(rule_name, regex)`` on stripped Paddle names. ``renames``: ``(rule_name, regex,
     replacement)`` applied in order. ``transforms``: ``fn(state, ctx) -> state`` run after the renames.
-    ``submodel_configs``: for a selectable
-    sub-model of another architecture (e.g. a distillation Teacher), prefix -> config sections
-    (``backbone`` / ``neck`` / ``head`` ...) that replace the family's.
+    ``submodel_configs``: for a selectable sub-model of another architecture (e.g. a distillation Teacher),
+    prefix -> config sections (``backbone`` / ``neck`` / ``head`` ...) that replace the family's.
     """
 
     family: str
@@ -353,7 +352,8 @@ def _mismatch_message(family: str, ctx: ConversionContext, missing: list[str], u
     return "\n".join(lines)
 
 
-def _prepare(weights, family, submodel, form, kind):
+def _prepare(weights, family, submodel, form, kind) -> tuple[ConversionContext, State]:
+    """Steps 1-5 for ``family``: the context (config, records) and the state dict under PyTorch names."""
     if family not in RULES:
         raise FamilyError(f"no conversion rules for family {family!r}; known families: {', '.join(sorted(RULES))}")
     rules = RULES[family]
@@ -361,7 +361,7 @@ def _prepare(weights, family, submodel, form, kind):
     ctx = ConversionContext(family=family, kind=kind if kind is not None else getattr(weights, "kind", None),
                             form=form, config=config)
     state = map_keys(weights, rules, ctx, submodel)
-    return rules, ctx, state
+    return ctx, state
 
 
 def _as_tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -407,8 +407,8 @@ def convert(weights: Mapping[str, np.ndarray], family: str, *, submodel: str | N
     The model's tensors share memory with the writable arrays of ``weights`` (no copy of the checkpoint); the
     ``nn.Linear`` weights are transposed views (not contiguous).
     """
-    rules, ctx, state = _prepare(weights, family, submodel, form, kind)
-    with torch.device("meta"):  # every tensor is replaced by a checkpoint tensor below
+    ctx, state = _prepare(weights, family, submodel, form, kind)
+    with torch.device("meta"):  # shapes only: Conversion.model gets the checkpoint's tensors on first use
         model = architectures.build(ctx.config, init_weights=False)
     model_sd, tensors, transposed, added, missing, unexpected, wrong_shape = _fit(model, state, ctx)
     if missing or unexpected or wrong_shape:
@@ -443,7 +443,7 @@ def detect_family(weights: Mapping[str, np.ndarray]) -> str | None:
     told apart by their weights; the first one is returned."""
     for family, rules in RULES.items():
         try:
-            _, ctx, state = _prepare(weights, family, None, "deploy", None)
+            ctx, state = _prepare(weights, family, None, "deploy", None)
             signature = _signature(ctx.config)
         except Exception:  # noqa: BLE001 - a family whose rules reject the weights is simply not a match
             continue

@@ -95,7 +95,8 @@ def fuse_rep_state(state: State, ctx: ConversionContext) -> State:
     for layer, branches in layers.items():
         if not all(_complete(name, params) for name, params in branches.items()):
             continue
-        kxk = sorted((name for name in branches if name.startswith("conv_kxk.")), key=lambda n: int(n[9:]))
+        kxk = sorted((name for name in branches if name.startswith("conv_kxk.")),
+                     key=lambda name: int(name.removeprefix("conv_kxk.")))
         if not kxk:
             continue
         arrays = {name: _branch_arrays(state, name, params) for name, params in branches.items()}
