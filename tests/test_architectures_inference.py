@@ -13,9 +13,10 @@ from torch import nn
 from architectures.backbones.pphgnet import HGBlock
 from architectures.backbones.resnet_vd import BasicBlock, BottleneckBlock, VdConvBNLayer
 from architectures.heads.db_head import DBHead, patchwise_conv_transpose2d
-from architectures.heads.pfhead import PFHeadLocal
-from architectures.layers import ConvBNLayer, DerivedTensors, SEModule, fused_conv2d
+from architectures.heads.pfhead import LocalModule, PFHeadLocal
+from architectures.layers import ConvBNLayer, DerivedTensors, SEModule, contiguous_nchw, fused_conv2d
 from architectures.necks.db_fpn import add_upsampled, concat_pyramid
+from architectures.necks.lkpan import IntraCLBlock
 
 CL = torch.channels_last
 
@@ -165,3 +166,58 @@ def test_db_heads_fold_batch_norms_and_upsample_in_place(head_cls):
     for got, want in zip(fast, expected):
         assert got.shape == (1, 1, 24, 32)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("band_rows", [1, 4, 5, 32])
+@pytest.mark.parametrize("scale", [1, 2, 4])
+def test_local_module_in_bands_equals_the_whole_map(band_rows, scale):
+    """Bands of any height (halo rows inside the image, zero rows at its borders, a shorter last band) give the
+    whole-map computation; a NCHW or channels-last feature, a batch of two."""
+    torch.manual_seed(9)
+    module = randomize_batch_norms(LocalModule(6, 5))
+    module.band_rows = band_rows
+    init_map = torch.rand(2, 1, 8 * scale, 3 * scale)
+    for feature in (torch.randn(2, 6, 8, 3), torch.randn(2, 6, 8, 3).contiguous(memory_format=CL)):
+        with torch.inference_mode():
+            fast = module(feature, init_map, feature_scale=scale)
+        assert fast.shape == (2, 1, 8 * scale, 3 * scale)
+        torch.testing.assert_close(fast, reference(module, feature, init_map, feature_scale=scale), rtol=0, atol=1e-5)
+
+
+def test_forward_padded_follows_the_padding_and_is_inference_only():
+    torch.manual_seed(10)
+    layer = randomize_batch_norms(ConvBNLayer(4, 6, 3, act="relu"))
+    x = torch.randn(1, 4, 7, 9)
+    padded = F.pad(x, (0, 0, 1, 1))  # the rows' padding given as zero halo rows
+    with torch.no_grad():
+        whole = layer(x)
+        for _ in range(2):  # the packed weight is re-made when the padding changes, with the same input shape
+            torch.testing.assert_close(layer.forward_padded(padded, (0, 1)), whole, rtol=0, atol=1e-5)
+            torch.testing.assert_close(layer.forward_padded(x, (1, 1)), whole, rtol=0, atol=1e-5)
+    with pytest.raises(RuntimeError, match="inference path"):
+        layer.forward_padded(x, (1, 1))  # gradients on
+
+
+def test_intracl_block_runs_each_stage_as_one_convolution():
+    torch.manual_seed(11)
+    block = randomize_batch_norms(IntraCLBlock(8, reduce_factor=2))
+    with torch.no_grad():
+        for conv in block.modules():
+            if isinstance(conv, nn.Conv2d):
+                conv.bias.uniform_(-0.5, 0.5)
+    for x in (torch.randn(2, 8, 11, 13), torch.randn(2, 8, 11, 13).contiguous(memory_format=CL)):
+        with torch.inference_mode():
+            fast = block(x)
+        torch.testing.assert_close(fast, reference(block, x), rtol=0, atol=1e-5)
+    with torch.no_grad():
+        block.v_layer_5x1.weight.mul_(2)  # an in-place change re-folds the kernels
+        torch.testing.assert_close(block(x), reference(block, x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 300, 40, 40), (1, 1024, 30, 30), (2, 1, 4, 4)])
+def test_contiguous_nchw_equals_contiguous(shape):
+    x = torch.randn(shape)
+    for source in (x, x.contiguous(memory_format=CL), x[:, :, ::2]):
+        out = contiguous_nchw(source)
+        assert out.is_contiguous()
+        assert torch.equal(out, source.contiguous())

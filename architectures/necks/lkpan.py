@@ -10,33 +10,71 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from architectures.layers import BN_EPS, conv2d
+from architectures.layers import BN_EPS, DerivedTensors, contiguous_nchw, conv2d, fold_batch_norm, fused_conv2d
 from architectures.necks import register
 from architectures.necks.db_fpn import add_upsampled, concat_pyramid
+
+STAGE_KERNELS = (7, 5, 3)  # IntraCLBlock's cascaded stages: k x k + k x 1 + 1 x k convolutions each
 
 
 class IntraCLBlock(nn.Module):
     """Intra-instance collaborative learning block: 1x1 reduce, three cascaded square + vertical + horizontal
-    conv stages (7, 5, 3), 1x1 restore, BN, ReLU, residual."""
+    conv stages (7, 5, 3), 1x1 restore, BN, ReLU, residual.
+
+    At inference each stage runs as one k x k convolution: the k x 1 and 1 x k kernels (same input, centred
+    "same" padding) are added into the centre column and row of the k x k kernel, and the biases summed; the BN
+    is folded into the restoring convolution, with the ReLU as its post-op.
+    """
 
     def __init__(self, in_channels: int = 96, reduce_factor: int = 4) -> None:
         super().__init__()
         mid = in_channels // reduce_factor
         self.conv1x1_reduce_channel = nn.Conv2d(in_channels, mid, 1)
         self.conv1x1_return_channel = nn.Conv2d(mid, in_channels, 1)
-        for k in (7, 5, 3):
+        for k in STAGE_KERNELS:
             setattr(self, f"v_layer_{k}x1", nn.Conv2d(mid, mid, (k, 1), padding=(k // 2, 0)))
             setattr(self, f"q_layer_1x{k}", nn.Conv2d(mid, mid, (1, k), padding=(0, k // 2)))
             setattr(self, f"c_layer_{k}x{k}", nn.Conv2d(mid, mid, (k, k), padding=(k // 2, k // 2)))
         self.bn = nn.BatchNorm2d(in_channels, eps=BN_EPS)
+        self._folded = DerivedTensors()
+
+    def _stages(self) -> list[tuple[nn.Conv2d, nn.Conv2d, nn.Conv2d]]:
+        return [(getattr(self, f"c_layer_{k}x{k}"), getattr(self, f"v_layer_{k}x1"), getattr(self, f"q_layer_1x{k}"))
+                for k in STAGE_KERNELS]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv1x1_reduce_channel(x)
-        y = self.c_layer_7x7(y) + self.v_layer_7x1(y) + self.q_layer_1x7(y)
-        y = self.c_layer_5x5(y) + self.v_layer_5x1(y) + self.q_layer_1x5(y)
-        y = self.c_layer_3x3(y) + self.v_layer_3x1(y) + self.q_layer_1x3(y)
-        y = F.relu(self.bn(self.conv1x1_return_channel(y)))
-        return x + y
+        if self.training or torch.is_grad_enabled():
+            y = self.conv1x1_reduce_channel(x)
+            for square, vertical, horizontal in self._stages():
+                y = square(y) + vertical(y) + horizontal(y)
+            y = F.relu(self.bn(self.conv1x1_return_channel(y)))
+            return x + y
+        reduce = self.conv1x1_reduce_channel
+        folded = self._folded_convs()
+        y = fused_conv2d(x, reduce.weight, reduce.bias, 1, 0, 1, 1)
+        for k, weight, bias in zip(STAGE_KERNELS, folded[0::2], folded[1::2]):
+            y = fused_conv2d(y, weight, bias, 1, k // 2, 1, 1)
+        return fused_conv2d(y, folded[-2], folded[-1], 1, 0, 1, 1, "relu", F.relu_).add_(x)
+
+    def _folded_convs(self) -> tuple[torch.Tensor, ...]:
+        """(weight, bias) of each stage's single k x k convolution, then of the restoring convolution with the BN
+        folded in; cached until a parameter changes."""
+        stages = self._stages()
+        ret = self.conv1x1_return_channel
+        sources = [t for convs in stages for conv in convs for t in (conv.weight, conv.bias)]
+        sources += [ret.weight, ret.bias, self.bn.weight, self.bn.bias, self.bn.running_mean, self.bn.running_var]
+
+        def fold():
+            tensors = []
+            for square, vertical, horizontal in stages:
+                k = square.kernel_size[0]
+                weight = square.weight.clone()
+                weight[:, :, :, k // 2:k // 2 + 1] += vertical.weight
+                weight[:, :, k // 2:k // 2 + 1, :] += horizontal.weight
+                tensors += [weight, square.bias + vertical.bias + horizontal.bias]
+            return (*tensors, *fold_batch_norm(ret.weight, ret.bias, self.bn))
+
+        return self._folded.get(sources, fold, extra=(self.bn.eps,))
 
 
 @register()
@@ -79,7 +117,7 @@ class LKPAN(nn.Module):
         out2 = add_upsampled(in2, out3)
 
         # NCHW from here: oneDNN runs the large 9x9 convolutions ~1.4x faster than in channels-last
-        in5, out4, out3, out2 = (f.contiguous() for f in (in5, out4, out3, out2))
+        in5, out4, out3, out2 = (contiguous_nchw(f) for f in (in5, out4, out3, out2))
         f5 = self.inp_conv[3](in5)
         f4 = self.inp_conv[2](out4)
         f3 = self.inp_conv[1](out3)
