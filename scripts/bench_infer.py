@@ -9,16 +9,19 @@ per side) excluded, median of ``--runs`` timed calls (``--server-runs`` for the 
 Paddle take turns in blocks of runs so that both see the same background load.
 
 Inputs: det 1x3x640x640; rec 1x3xHx320 and 8x3xHx320 (H = 32 for the CRNN v2.0 / PP-OCRv2 families, else 48);
-cls 8x3x48x192. PyTorch runs under ``torch.inference_mode()``; ``--channels-last`` converts model and input. Each family runs in
-a fresh process.
+cls 8x3x48x192. PyTorch runs under ``torch.inference_mode()``; ``--channels-last`` converts model and input. Each
+family runs in a fresh process; ``--processes N`` runs it in N of them (in rounds over the families, so that a slow
+spell of the machine does not hit one family only) and reports the median ratio with its range.
 
 Memory: Paddle Inference keeps freed memory in its own allocator; PyTorch's CPU tensors come from malloc, which
 hands large blocks back to the kernel, so every call pays page faults on its fresh feature maps (up to ~15% of a
 det model's time). ``--huge-pages`` sets PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` (2 MB-aligned allocations with
 transparent huge pages, 512x fewer faults) before torch is imported; ``--keep-freed-memory`` runs each family with
-glibc tunables that keep freed blocks of up to 32 MB in the heap. The JSON records both settings.
+glibc tunables that serve every block from the heap and never hand freed memory back (the process keeps its peak,
+as Paddle's allocator does). The JSON records both settings.
 
     python scripts/bench_infer.py                       # every family
+    python scripts/bench_infer.py --processes 3         # each family in 3 fresh processes
     python scripts/bench_infer.py --family PP-OCRv4_mobile_rec --threads 1 --json out.json
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,9 +39,9 @@ import numpy as np
 
 if "--huge-pages" in sys.argv:  # read once by PyTorch's CPU allocator: must be set before torch is imported
     os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
-# glibc keeps freed blocks of up to 32 MB (its ceiling) in the heap instead of returning them to the kernel:
-# read by glibc at process start, so it is set for the per-family child processes
-KEEP_FREED_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=2147483647"
+# glibc serves every block from the heap (no mmap, whose blocks go back to the kernel when freed, however large)
+# and never trims it: read by glibc at process start, so it is set for the per-family child processes
+KEEP_FREED_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647"
 
 import torch  # noqa: E402
 
@@ -135,8 +139,9 @@ def _median_seconds(fns, warmup: int, runs: int, blocks: int = 4, warmup_s: floa
 
 
 def bench_family(family: str, threads: list[int], runs: int, warmup: int, channels_last: bool,
-                 unpacked: dict[str, Path]) -> list[dict]:
-    """Time one family at every input shape and thread count; one result dict per measurement."""
+                 workdir: Path) -> list[dict]:
+    """Time one family at every input shape and thread count; one result dict per measurement. The inference
+    program is unpacked under ``workdir``."""
     row = FAMILY_ROWS[family]
     tar = inference_tar(row)
     weights = paddle_io.load(tar)
@@ -144,7 +149,7 @@ def bench_family(family: str, threads: list[int], runs: int, warmup: int, channe
     model = conversion.model.eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    prefix = unpacked.setdefault(row, _unpack(tar))
+    prefix = _unpack(tar, workdir / row)
     results = []
     for n_threads in threads:
         torch.set_num_threads(n_threads)
@@ -171,12 +176,9 @@ def bench_family(family: str, threads: list[int], runs: int, warmup: int, channe
     return results
 
 
-def _unpack(tar: Path) -> Path:
-    import tempfile
-
+def _unpack(tar: Path, dest: Path) -> Path:
     from converter.unpack import safe_extract
 
-    dest = Path(tempfile.mkdtemp(prefix="bench_"))
     safe_extract(tar, dest)
     return next(dest.rglob("inference.pdmodel")).with_suffix("")
 
@@ -186,9 +188,29 @@ def table(results: list[dict]) -> str:
     lines = [f"{'family':24s} {'input':>12s} {'thr':>3s} {'runs':>4s} {'torch ms':>10s} {'paddle ms':>10s} "
              f"{'ratio':>6s}"]
     for r in results:
+        spread = f"  ({min(r['ratios']):.2f}-{max(r['ratios']):.2f} over {r['processes']})" if "ratios" in r else ""
         lines.append(f"{r['family']:24s} {r['shape']:>12s} {r['threads']:3d} {r['runs']:4d} {r['torch_ms']:10.2f} "
-                     f"{r['paddle_ms']:10.2f} {r['ratio']:6.2f}")
+                     f"{r['paddle_ms']:10.2f} {r['ratio']:6.2f}{spread}")
     return "\n".join(lines)
+
+
+def _code_version() -> str | None:
+    """``git describe --always --dirty`` of the checkout whose modules were timed (None outside git)."""
+    import subprocess
+
+    found = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    return found.stdout.strip() or None
+
+
+def combine_processes(measurements: list[dict]) -> dict:
+    """One measurement (family, input, threads) taken in several processes: median times and ratio, every
+    process's ratio kept in ``ratios``."""
+    combined = dict(measurements[0])
+    for key in ("torch_ms", "paddle_ms", "ratio"):
+        combined[key] = statistics.median(m[key] for m in measurements)
+    combined["ratios"] = [m["ratio"] for m in measurements]
+    combined["processes"] = len(measurements)
+    return combined
 
 
 def _family_in_subprocess(family: str, argv: list[str]) -> list[dict]:
@@ -196,15 +218,14 @@ def _family_in_subprocess(family: str, argv: list[str]) -> list[dict]:
     families measured before would otherwise stay alive and slow down later measurements (both sides, unevenly;
     the cls model ran 3x slower as the last of 13 families in one process than on its own)."""
     import subprocess
-    import tempfile
 
     kept, skip = [], False
-    for arg in argv:  # every option but --family / --json, which are set per family
+    for arg in argv:  # every option but --family / --json / --processes, which are set per process
         if skip:
             skip = False
-        elif arg in ("--family", "--json"):
+        elif arg in ("--family", "--json", "--processes"):
             skip = True
-        elif not arg.startswith(("--family=", "--json=")):
+        elif not arg.startswith(("--family=", "--json=", "--processes=")):
             kept.append(arg)
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
         out = Path(tmp) / "family.json"
@@ -228,26 +249,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--huge-pages", action="store_true",
                         help="PyTorch allocations with transparent huge pages (THP_MEM_ALLOC_ENABLE=1)")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help=f"run each family with GLIBC_TUNABLES={KEEP_FREED_TUNABLES} (freed feature maps up "
-                             f"to 32 MB stay in the heap: no page faults on them at the next call)")
+                        help=f"run each family with GLIBC_TUNABLES={KEEP_FREED_TUNABLES} (freed feature maps "
+                             f"stay in the heap: no page faults on them at the next call)")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="fresh processes per family, in rounds over the families (median ratio and its range)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
 
     from converter.rules import RULES
 
     families = args.family or [f for f in FAMILY_ROWS if f in RULES and f in architectures.FAMILIES]
     threads = args.threads or [1, 2]
     results = []
-    if len(families) > 1:
-        for family in families:
-            results += _family_in_subprocess(family, argv if argv is not None else sys.argv[1:])
+    if len(families) > 1 or args.processes > 1:
+        rounds = [[result for family in families
+                   for result in _family_in_subprocess(family, argv if argv is not None else sys.argv[1:])]
+                  for _ in range(args.processes)]
+        results = [combine_processes(list(same)) for same in zip(*rounds)]
     else:
         runs = args.server_runs if families[0] in SERVER_FAMILIES else args.runs
-        results += bench_family(families[0], threads, runs, args.warmup, args.channels_last, {})
+        with tempfile.TemporaryDirectory(prefix="bench_infer_") as workdir:
+            results += bench_family(families[0], threads, runs, args.warmup, args.channels_last, Path(workdir))
     print(table(results))
     if args.json:
         tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps({"torch": torch.__version__, "results": results}, indent=1))
+        tmp.write_text(json.dumps({"torch": torch.__version__, "code": _code_version(), "results": results}, indent=1))
         os.replace(tmp, args.json)
     return 0
 

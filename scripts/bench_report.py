@@ -22,7 +22,7 @@ from pathlib import Path
 
 MB = 1e6
 SOURCES = {"read": "read.json", "convert": "convert.json", "infer": "infer.json",
-           "infer_keep_freed": "infer_keep_freed.json", "gpu": "gpu.json"}
+           "infer_keep_freed": "infer_keep_freed.json", "infer_before": "infer_before.json", "gpu": "gpu.json"}
 
 
 def machine() -> dict:
@@ -195,30 +195,59 @@ def section_convert(data: dict | None) -> list[str]:
 
 
 def section_infer(data: dict | None, keep_freed: bool = False) -> list[str]:
+    results = (data or {}).get("results", [])
+    processes = max((r.get("processes", 1) for r in results), default=1)
     if keep_freed:
         out = ["### The same with freed memory kept in the heap (`--keep-freed-memory`)", ""]
         if data is None:
             return out + ["Not run (`scripts/bench_infer.py --keep-freed-memory --json bench/infer_keep_freed.json`).",
                           ""]
-        out += ["Both sides in processes started with `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:"
-                "glibc.malloc.trim_threshold=2147483647`: feature maps of up to 32 MB are reused from the heap "
-                "instead of being faulted in again at every call (larger ones still are).", ""]
+        tunables = results[0].get("glibc_tunables") if results else None
+        out += [f"Both sides in processes started with `GLIBC_TUNABLES={tunables}`: freed feature maps stay in the "
+                "heap and are reused instead of being faulted in again at every call (the process keeps its peak "
+                "memory, as Paddle's allocator does).", ""]
     else:
         out = ["## CPU inference: PyTorch (converted) vs Paddle Inference", ""]
         if data is None:
             return out + ["Not run (no `infer.json`; `scripts/bench_infer.py --json bench/infer.json`).", ""]
-        out += [f"Source: `scripts/bench_infer.py`, each family in a fresh process. Median ms per call; ratio = "
-                f"PyTorch / Paddle Inference (< 1: PyTorch faster); Paddle Inference with its default CPU "
-                f"optimisations; torch {data.get('torch', '?')}.", ""]
+        out += [f"Source: `scripts/bench_infer.py`, each family in {processes} fresh process"
+                f"{'es (in rounds over the families)' if processes > 1 else ''}. Median ms per call"
+                f"{' (median over the processes)' if processes > 1 else ''}; ratio = PyTorch / Paddle Inference "
+                f"(< 1: PyTorch faster){', median over the processes, with their range' if processes > 1 else ''}; "
+                f"Paddle Inference with its default CPU optimisations; torch {data.get('torch', '?')}.", ""]
+    header = ["family", "input", "threads", "runs", "torch ms", "paddle ms", "ratio"]
     rows = [[r["family"], r["shape"], r["threads"], r["runs"], _f(r["torch_ms"], ".2f"), _f(r["paddle_ms"], ".2f"),
-             _f(r["ratio"], ".2f")] for r in data["results"]]
-    out += _table(["family", "input", "threads", "runs", "torch ms", "paddle ms", "ratio"], rows)
-    if data["results"]:
-        ratios = sorted(r["ratio"] for r in data["results"])
-        faster = sum(r < 1 for r in ratios)
-        out += [f"PyTorch faster in {faster}/{len(ratios)} measurements; ratio min {ratios[0]:.2f}, median "
-                f"{ratios[len(ratios) // 2]:.2f}, max {ratios[-1]:.2f}.", ""]
+             _f(r["ratio"], ".2f")] + ([f"{min(r['ratios']):.2f}-{max(r['ratios']):.2f}"] if processes > 1 else [])
+            for r in results]
+    out += _table(header + (["range"] if processes > 1 else []), rows)
+    if results:
+        ratios = sorted(r["ratio"] for r in results)
+        out += [f"Ratio <= 1.0 (PyTorch not slower) in {sum(r <= 1 for r in ratios)}/{len(ratios)} measurements "
+                f"({sum(round(r, 2) <= 1 for r in ratios)}/{len(ratios)} at two decimals); ratio min "
+                f"{ratios[0]:.2f}, median {ratios[len(ratios) // 2]:.2f}, max {ratios[-1]:.2f}.", ""]
     return out
+
+
+def section_infer_before(before: dict | None, after: dict | None) -> list[str]:
+    """The measurements of ``infer_before.json`` (the same benchmark on an earlier checkout) next to the current
+    ones: the effect of module changes, each side in the same kind of run."""
+    if before is None or after is None:
+        return []
+    current = {(r["family"], r["shape"], r["threads"]): r for r in after["results"]}
+    out = ["### Before and after module changes (`infer_before.json`)", "",
+           f"The same benchmark on checkout `{before.get('code')}` (before) and `{after.get('code')}` (after); "
+           f"ratio = PyTorch / Paddle Inference, median over the processes (range).", ""]
+    rows = []
+    for r in before["results"]:
+        now = current.get((r["family"], r["shape"], r["threads"]))
+        if now is None:
+            continue
+        rows.append([r["family"], r["shape"], r["threads"], _f(r["torch_ms"], ".1f"), _f(now["torch_ms"], ".1f"),
+                     f"{r['ratio']:.2f} ({min(r.get('ratios', [r['ratio']])):.2f}-{max(r.get('ratios', [r['ratio']])):.2f})",
+                     f"{now['ratio']:.2f} ({min(now.get('ratios', [now['ratio']])):.2f}-"
+                     f"{max(now.get('ratios', [now['ratio']])):.2f})"])
+    return out + _table(["family", "input", "threads", "torch ms before", "torch ms after", "ratio before",
+                         "ratio after"], rows) + [""]
 
 
 def section_gpu(data: dict | None) -> list[str]:
@@ -282,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += section_convert(loaded["convert"])
     lines += section_read(loaded["read"])
     lines += section_infer(loaded["infer"])
+    lines += section_infer_before(loaded["infer_before"], loaded["infer"])
     lines += section_infer(loaded["infer_keep_freed"], keep_freed=True)
     lines += section_gpu(loaded["gpu"])
     results = {"machine": info, **loaded}
