@@ -47,7 +47,7 @@ demo: install
 bench: install
 	$(PY) scripts/bench_read.py --json bench/read.json
 	$(PY) scripts/bench_convert.py --json bench/convert.json
-	$(PY) scripts/bench_infer.py --json bench/infer.json
+	$(PY) scripts/bench_infer.py --processes 3 --json bench/infer.json
 	$(PY) scripts/bench_report.py bench
 
 clean:
