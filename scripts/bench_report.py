@@ -194,6 +194,12 @@ def section_convert(data: dict | None) -> list[str]:
     return out
 
 
+def _ratio_range(result: dict) -> str:
+    """``min-max`` of a measurement's ratios over its processes (its one ratio when taken in one process)."""
+    ratios = result.get("ratios", [result["ratio"]])
+    return f"{min(ratios):.2f}-{max(ratios):.2f}"
+
+
 def section_infer(data: dict | None, keep_freed: bool = False) -> list[str]:
     results = (data or {}).get("results", [])
     processes = max((r.get("processes", 1) for r in results), default=1)
@@ -217,7 +223,7 @@ def section_infer(data: dict | None, keep_freed: bool = False) -> list[str]:
                 f"Paddle Inference with its default CPU optimisations; torch {data.get('torch', '?')}.", ""]
     header = ["family", "input", "threads", "runs", "torch ms", "paddle ms", "ratio"]
     rows = [[r["family"], r["shape"], r["threads"], r["runs"], _f(r["torch_ms"], ".2f"), _f(r["paddle_ms"], ".2f"),
-             _f(r["ratio"], ".2f")] + ([f"{min(r['ratios']):.2f}-{max(r['ratios']):.2f}"] if processes > 1 else [])
+             _f(r["ratio"], ".2f")] + ([_ratio_range(r)] if processes > 1 else [])
             for r in results]
     out += _table(header + (["range"] if processes > 1 else []), rows)
     if results:
@@ -243,9 +249,7 @@ def section_infer_before(before: dict | None, after: dict | None) -> list[str]:
         if now is None:
             continue
         rows.append([r["family"], r["shape"], r["threads"], _f(r["torch_ms"], ".1f"), _f(now["torch_ms"], ".1f"),
-                     f"{r['ratio']:.2f} ({min(r.get('ratios', [r['ratio']])):.2f}-{max(r.get('ratios', [r['ratio']])):.2f})",
-                     f"{now['ratio']:.2f} ({min(now.get('ratios', [now['ratio']])):.2f}-"
-                     f"{max(now.get('ratios', [now['ratio']])):.2f})"])
+                     f"{r['ratio']:.2f} ({_ratio_range(r)})", f"{now['ratio']:.2f} ({_ratio_range(now)})"])
     return out + _table(["family", "input", "threads", "torch ms before", "torch ms after", "ratio before",
                          "ratio after"], rows) + [""]
 
