@@ -8,9 +8,12 @@ Cache layout (``OCRCONV_CACHE``, default ``~/.cache/ocrconv``)::
                                  and each file's sha256 as hashed while it was written (see :func:`recorded_sha256`)
 
 Downloads stream to ``<filename>.part`` and are renamed only when complete and verified; an interrupted download is
-resumed with an HTTP Range request (or restarted when the server ignores Range). Connection errors and 5xx answers
-are retried with exponential backoff. A mirror (``OCRCONV_MIRROR`` / ``mirror=``) serves the same paths as the real
-host. There are no upstream checksums: the index records what was downloaded first and later copies must match it.
+resumed with an HTTP Range request guarded by ``If-Range`` (the ETag or Last-Modified the first answer gave, kept in
+``<filename>.part.json``), so a file changed on the server in between is downloaded whole instead of spliced; without
+such a validator (or expected sha256) the download starts over. Connection errors and 5xx answers are retried with
+exponential backoff; an attempt that received bytes does not use up the retry budget. A mirror (``OCRCONV_MIRROR`` /
+``mirror=``) serves the same paths as the real host. There are no upstream checksums: the index records what was
+downloaded first and later copies must match it.
 """
 from __future__ import annotations
 
@@ -21,15 +24,16 @@ import os
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
 import requests
-from filelock import FileLock
+import urllib3
+from filelock import FileLock, Timeout
 
-from converter.errors import CorruptArchiveError, DownloadError, IntegrityError
+from converter.errors import CorruptArchiveError, DownloadError, IntegrityError, UnsafeArchiveError
 from converter.manifest import Artifact, ModelEntry, get_model
 from converter.unpack import find_model_dir, safe_extract_hashed
 
@@ -125,6 +129,21 @@ class CacheIndex:
             _write_json_atomic(self.path, data)
 
 
+@contextmanager
+def _locked(path: Path, what: str):
+    """Hold the file lock ``path``; says so when another process holds it (instead of waiting silently)."""
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.warning("waiting for another ocrconv process working on %s (lock %s)", what, path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def _is_tty() -> bool:
     try:
         return sys.stderr.isatty()
@@ -156,45 +175,95 @@ def _total_from_response(response: requests.Response, offset: int) -> int | None
     return int(length) if length is not None else None
 
 
-def _fetch_once(session: requests.Session, url: str, part: Path, hasher, quiet: bool | None) -> int:
-    """One request: resume ``part`` if it has bytes, stream the rest into it. Returns the final size."""
+def _part_info(part: Path) -> Path:
+    """Where the partial download ``part`` keeps the URL and validator it was started with."""
+    return part.with_name(part.name + ".json")
+
+
+def _discard_part(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    _part_info(part).unlink(missing_ok=True)
+
+
+def _validator(response: requests.Response) -> str | None:
+    """A validator for ``If-Range``: a strong ETag, else Last-Modified (None when the answer has neither)."""
+    etag = response.headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return response.headers.get("Last-Modified")
+
+
+def _resume_point(part: Path, url: str, trusted: bool) -> tuple[int, str | None]:
+    """Byte offset to resume ``part`` from (0: start over) and the ``If-Range`` validator to send.
+
+    A partial file is resumed only when it was started from ``url`` with a validator, or when ``trusted`` (an
+    expected sha256 will check the result); never when it was received content-encoded."""
     offset = part.stat().st_size if part.exists() else 0
+    if not offset:
+        return 0, None
+    try:
+        info = json.loads(_part_info(part).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        info = {}
+    info = info if isinstance(info, dict) else {}
+    if info.get("url") == url and info.get("resumable", True) and (info.get("validator") or trusted):
+        return offset, info.get("validator")
+    log.info("%s: the partial download %s cannot be checked against the file on the server (no ETag or "
+             "Last-Modified recorded for this URL); starting over", url, part)
+    return 0, None
+
+
+def _fetch_once(session: requests.Session, url: str, part: Path, hasher, quiet: bool | None, trusted: bool,
+                received: list[int]) -> int:
+    """One request: resume ``part`` if it can be (see :func:`_resume_point`), stream the rest into it. Returns the
+    final size; adds the bytes received to ``received[0]``."""
+    offset, validator = _resume_point(part, url, trusted)
     headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        if validator:
+            headers["If-Range"] = validator
     with session.get(url, headers=headers, stream=True, timeout=TIMEOUT_S) as response:
         if response.status_code == 416 and offset:
             log.warning("%s: server refused to resume at byte %d; restarting", url, offset)
-            part.unlink()
-            return _fetch_once(session, url, part, hasher, quiet)
+            _discard_part(part)
+            return _fetch_once(session, url, part, hasher, quiet, trusted, received)
         if response.status_code >= 400:
             raise HTTPStatusError(f"HTTP {response.status_code} {response.reason} for {url}",
                                   response.status_code, url)
         if response.status_code == 200 and offset:
-            log.info("%s ignored the Range request; downloading the whole file again", url)
+            log.info("%s: the file changed on the server or Range was ignored; downloading the whole file again", url)
             offset = 0
         elif response.status_code == 206:
             log.info("resuming %s at byte %d", url, offset)
         elif response.status_code != 200:
             raise DownloadError(f"unexpected HTTP {response.status_code} for {url}")
+        # a content-encoded body: requests decodes it, Content-Length counts the encoded bytes, no resuming
+        encoded = response.headers.get("Content-Encoding", "identity").strip().lower() not in ("", "identity")
         total = _total_from_response(response, offset)
-        mode = "ab" if offset else "wb"
-        if offset:  # the hash must cover the bytes already on disk
+        if not offset:
+            _write_json_atomic(_part_info(part), {"url": url, "validator": _validator(response),
+                                                  "resumable": not encoded})
+        else:  # the hash must cover the bytes already on disk
             with open(part, "rb") as f:
                 while chunk := f.read(1 << 20):
                     hasher.update(chunk)
         size = offset
-        with open(part, mode) as out, _progress(total, offset, part.name.removesuffix(".part"), quiet) as bar:
-            for chunk in response.iter_content(CHUNK):
+        with open(part, "ab" if offset else "wb") as out, \
+                _progress(None if encoded else total, offset, part.name.removesuffix(".part"), quiet) as bar:
+            # read1: whatever has arrived, so a dropped connection loses no byte that was received
+            while chunk := response.raw.read1(CHUNK, decode_content=True):
                 out.write(chunk)
                 hasher.update(chunk)
                 size += len(chunk)
+                received[0] += len(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
             out.flush()
             os.fsync(out.fileno())
-    if total is not None and size != total:
-        raise requests.ConnectionError(f"{url}: connection ended at byte {size} of {total}")
+        on_the_wire = offset + response.raw.tell() if encoded else size
+    if total is not None and on_the_wire != total:
+        raise requests.ConnectionError(f"{url}: connection ended at byte {on_the_wire} of {total}")
     return size
 
 
@@ -202,8 +271,9 @@ def download_url(url: str, dest: str | Path, *, expected_sha256: str | None = No
                  retries: int | None = None, backoff_s: float | None = None) -> tuple[int, str]:
     """Download ``url`` to ``dest`` via ``dest.part`` (resumed if present); returns (size, sha256).
 
-    Retries connection errors and 5xx answers; raises HTTPStatusError on other HTTP errors, IntegrityError when
-    ``expected_sha256`` does not match (the partial file is removed). ``dest`` appears only when complete.
+    Retries connection errors and 5xx answers (``retries`` times in a row without receiving any byte); raises
+    HTTPStatusError on other HTTP errors, IntegrityError when ``expected_sha256`` does not match (the partial file
+    is removed). ``dest`` appears only when complete.
     """
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
@@ -212,35 +282,44 @@ def download_url(url: str, dest: str | Path, *, expected_sha256: str | None = No
     dest.parent.mkdir(parents=True, exist_ok=True)
     resumed_once = False
     with requests.Session() as session:
-        attempt = 0
+        stalled = tries = 0  # stalled: failed attempts in a row that received nothing
         while True:
             hasher = hashlib.sha256()
             resumed = part.exists() and part.stat().st_size > 0
+            received = [0]
+            tries += 1
             try:
-                size = _fetch_once(session, url, part, hasher, quiet)
+                size = _fetch_once(session, url, part, hasher, quiet, bool(expected_sha256), received)
             except HTTPStatusError as exc:
-                if exc.status < 500 and exc.status != 429 or attempt >= retries:
+                stalled += 1
+                if exc.status < 500 and exc.status != 429 or stalled > retries:
                     raise
                 reason = str(exc)
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                    requests.exceptions.ContentDecodingError) as exc:
-                if attempt >= retries:
-                    raise DownloadError(f"{url}: failed after {attempt + 1} attempts: {exc}") from exc
+            except (requests.ConnectionError, requests.Timeout, urllib3.exceptions.HTTPError) as exc:
+                stalled = 0 if received[0] else stalled + 1  # the retry budget counts attempts without progress
+                if stalled > retries:
+                    raise DownloadError(f"{url}: failed after {tries} attempts ({stalled} in a row without "
+                                        f"progress): {exc}") from exc
                 reason = f"{type(exc).__name__}: {exc}"
+            except requests.RequestException as exc:  # a malformed URL and the like: retrying cannot help
+                raise DownloadError(f"{url}: {type(exc).__name__}: {exc}") from exc
             else:
                 digest = hasher.hexdigest()
                 if expected_sha256 and digest != expected_sha256.lower():
-                    part.unlink()
+                    _discard_part(part)
                     if resumed and not resumed_once:  # the old partial may have come from another file version
                         log.warning("%s: sha256 mismatch after resuming; downloading again from the start", url)
                         resumed_once = True
                         continue
                     raise IntegrityError(f"{url}: sha256 {digest} does not match the expected {expected_sha256}")
                 os.replace(part, dest)
+                _part_info(part).unlink(missing_ok=True)
                 return size, digest
-            delay = backoff_s * 2**attempt
-            attempt += 1
-            log.warning("%s: %s; retry %d/%d in %.1fs", url, reason, attempt, retries, delay)
+            if not stalled:
+                log.warning("%s: %s; resuming at once (%d bytes received)", url, reason, received[0])
+                continue
+            delay = backoff_s * 2 ** (stalled - 1)
+            log.warning("%s: %s; retry %d/%d in %.1fs", url, reason, stalled, retries, delay)
             time.sleep(delay)
 
 
@@ -270,7 +349,7 @@ def fetch_archive(entry: ModelEntry, artifact: str = "inference", *, cache_dir: 
     path = root / "archives" / art.filename
     path.parent.mkdir(parents=True, exist_ok=True)
     index = CacheIndex(root)
-    with FileLock(str(path) + ".lock"):
+    with _locked(Path(str(path) + ".lock"), art.filename):
         record = index.get(art.filename)
         if expected_sha256 and record and record["sha256"] != expected_sha256.lower():
             raise IntegrityError(f"{entry.name} {artifact}: the cache index records sha256 {record['sha256']} for "
@@ -279,7 +358,8 @@ def fetch_archive(entry: ModelEntry, artifact: str = "inference", *, cache_dir: 
             log.info("%s %s: using cached %s", entry.name, artifact, path)
             return path
         if offline:
-            state = "is damaged" if path.exists() else "is not in the cache"
+            state = ("is not in the cache" if not path.exists() else "has no record in the cache index"
+                     if record is None else "does not match its record in the cache index (damaged)")
             raise DownloadError(f"offline: {entry.name} {artifact} archive {art.filename} {state} ({path}); "
                                 f"run without --offline to download {art.url}")
         if path.exists():
@@ -299,6 +379,8 @@ def fetch_archive(entry: ModelEntry, artifact: str = "inference", *, cache_dir: 
                 failures.append(f"HTTP {exc.status} for {source}")
                 continue
             except IntegrityError as exc:
+                if expected_sha256:
+                    raise IntegrityError(f"{entry.name} {artifact}: {exc}") from exc
                 raise IntegrityError(f"{entry.name} {artifact}: {exc}. The cache index {index.path} recorded "
                                      f"another file earlier; delete its entry '{art.filename}' to accept the new "
                                      f"one") from exc
@@ -314,16 +396,22 @@ def fetch_archive(entry: ModelEntry, artifact: str = "inference", *, cache_dir: 
 
 
 def _unpack_record_matches(marker: Path, target: Path, sha: str) -> bool:
+    """True when ``target`` was extracted from the archive with sha256 ``sha`` and none of its files has changed
+    since (same size, inode, mtime and ctime as recorded right after extraction)."""
     if not marker.is_file() or not target.is_dir():
         return False
     try:
         record = json.loads(marker.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
+        if record["archive_sha256"] != sha:
+            return False
+        for name in record["files"]:
+            path = target / name
+            if not path.is_file() or record["digests"][name]["stat"] != _identity(path):
+                log.info("%s changed since it was extracted; extracting again", path)
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
         return False
-    if record.get("archive_sha256") != sha:
-        return False
-    return all((target / name).is_file() and (target / name).stat().st_size == size
-               for name, size in record.get("files", {}).items())
+    return True
 
 
 def fetch_artifact(entry: ModelEntry | str, artifact: str = "inference", *, cache_dir: str | Path | None = None,
@@ -331,23 +419,31 @@ def fetch_artifact(entry: ModelEntry | str, artifact: str = "inference", *, cach
                    expected_sha256: str | None = None) -> Path:
     """Download (or reuse) and unpack an archive; returns the directory holding its model files.
 
-    An unpacked directory is reused when it was extracted from the archive whose sha256 the index records and its
-    files are all there; otherwise it is extracted again. A corrupt archive is dropped from the cache.
-    ``entry`` may also be a name (table name, alias or archive stem).
+    An unpacked directory is reused, without reading the archive again (offline too), when it was extracted from
+    the archive whose sha256 the index records and none of its files has changed since; otherwise the archive is
+    verified (downloaded if needed) and extracted again. An archive that turns out corrupt or unsafe is dropped
+    from the cache. ``entry`` may also be a name (table name, alias or archive stem).
     """
     if isinstance(entry, str):
         entry = get_model(entry)
     root = cache_root(cache_dir)
-    archive = fetch_archive(entry, artifact, cache_dir=root, mirror=mirror, offline=offline, quiet=quiet,
-                            expected_sha256=expected_sha256)
-    record = CacheIndex(root).get(archive.name)
-    if record is None:  # another process dropped it as corrupt in the meantime
-        raise DownloadError(f"{entry.name} {artifact}: {archive.name} left the cache index while in use; run again")
-    stem = archive.name.removesuffix(".tar")
+    stem = entry.artifact(artifact).filename.removesuffix(".tar")
     target = root / "unpacked" / stem
     marker = target.with_name(stem + ".json")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    index = CacheIndex(root)
+    with _locked(Path(str(target) + ".lock"), f"unpacked/{stem}"):
+        record = index.get(stem + ".tar")
+        if (record is not None and (not expected_sha256 or record["sha256"] == expected_sha256.lower())
+                and _unpack_record_matches(marker, target, record["sha256"])):
+            log.info("%s %s: using unpacked %s", entry.name, artifact, target)
+            return find_model_dir(target)
+    archive = fetch_archive(entry, artifact, cache_dir=root, mirror=mirror, offline=offline, quiet=quiet,
+                            expected_sha256=expected_sha256)
+    record = index.get(archive.name)
+    if record is None:  # another process dropped it as corrupt in the meantime
+        raise DownloadError(f"{entry.name} {artifact}: {archive.name} left the cache index while in use; run again")
+    with _locked(Path(str(target) + ".lock"), f"unpacked/{stem}"):
         if _unpack_record_matches(marker, target, record["sha256"]):
             log.info("%s %s: using unpacked %s", entry.name, artifact, target)
             return find_model_dir(target)
@@ -355,13 +451,15 @@ def fetch_artifact(entry: ModelEntry | str, artifact: str = "inference", *, cach
             marker.unlink()
         try:
             _, digests = safe_extract_hashed(archive, target)
-        except CorruptArchiveError:
+        except (CorruptArchiveError, UnsafeArchiveError) as exc:
             with FileLock(str(archive) + ".lock"):
                 archive.unlink(missing_ok=True)
-                CacheIndex(root).remove(archive.name)
-            log.warning("%s %s: removed the corrupt archive %s and its index record from the cache; the next "
-                        "download fetches it again", entry.name, artifact, archive)
-            raise
+                index.remove(archive.name)
+            log.warning("%s %s: removed the %s archive %s and its index record from the cache; the next "
+                        "download fetches it again", entry.name, artifact,
+                        "corrupt" if isinstance(exc, CorruptArchiveError) else "unsafe", archive)
+            raise type(exc)(f"{exc} (downloaded from {record.get('source') or record.get('url')}; removed from "
+                            f"the cache)") from exc
         files = {str(p.relative_to(target)): p.stat().st_size for p in sorted(target.rglob("*")) if p.is_file()}
         hashed = {name: {"sha256": digest, "stat": _identity(target / name)} for name, digest in digests.items()}
         _write_json_atomic(marker, {"archive": archive.name, "archive_sha256": record["sha256"], "files": files,

@@ -1,13 +1,17 @@
 """Safe, atomic extraction of model archives.
 
 Policy: only regular files and directories are extracted. Absolute paths, ``..`` components, every symlink and
-hardlink (model archives never need them), device files and fifos are refused with :class:`UnsafeArchiveError`
-before anything is written. AppleDouble junk (``._*``, ``__MACOSX/``) is skipped; pax / xattr headers are read
-by :mod:`tarfile` and their attributes ignored. Extraction goes to a temporary directory next to the target that
-is renamed into place only when complete, so a failed extraction leaves no half directory.
+hardlink (model archives never need them), device files, fifos and sparse files, a file that is also a directory
+(or the parent of another member) and archives that would expand past a size or compression-ratio limit are
+refused with :class:`UnsafeArchiveError` before anything is written. AppleDouble junk (``._*``, ``__MACOSX/``) is
+skipped; pax / xattr headers are read by :mod:`tarfile` and their attributes ignored. Extraction goes to a
+temporary directory next to the target that is renamed into place only when complete, so a failed extraction
+leaves no half directory; a target that cannot be written (disk full) is an :class:`OutputError`, not a fault of
+the archive.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -16,12 +20,13 @@ import tarfile
 import tempfile
 from pathlib import Path, PurePosixPath
 
-from converter.errors import CorruptArchiveError, UnsafeArchiveError, UnsupportedFormatError
+from converter.errors import CorruptArchiveError, OutputError, UnsafeArchiveError, UnsupportedFormatError
 
 log = logging.getLogger(__name__)
 
 MAX_MEMBERS = 10_000
-MAX_TOTAL_BYTES = 8 * 1024**3  # the largest release archive is about 0.3 GB
+MAX_TOTAL_BYTES = 2 * 1024**3  # the largest release archive is about 0.3 GB
+MAX_EXPANSION = 64  # extracted bytes per archive byte (compressed tars); weights compress by far less than this
 _CHUNK = 1 << 20
 _BLOCK = tarfile.BLOCKSIZE
 
@@ -50,16 +55,22 @@ def _check_type(tar: Path, member: tarfile.TarInfo) -> None:
             f"{member.linkname!r}; links are refused (model archives never need them)")
     if member.ischr() or member.isblk() or member.isfifo() or member.isdev():
         raise UnsafeArchiveError(f"{tar}: member {member.name!r} is a device file or fifo; refused")
+    if member.issparse():
+        raise UnsafeArchiveError(f"{tar}: member {member.name!r} is a sparse file (it would take more bytes on "
+                                 f"disk than the archive holds); refused")
     if not (member.isreg() or member.isdir()):
         raise UnsafeArchiveError(f"{tar}: member {member.name!r} has unsupported type {member.type!r}; refused")
 
 
-def _read_members(tar: Path, tf: tarfile.TarFile) -> list[tarfile.TarInfo]:
-    """All member headers; CorruptArchiveError (with the last good member) if the archive is damaged."""
+def _read_members(tar: Path, tf: tarfile.TarFile, max_members: int) -> list[tarfile.TarInfo]:
+    """All member headers; CorruptArchiveError (with the last good member) if the archive is damaged,
+    UnsafeArchiveError as soon as there are more than ``max_members``."""
     members: list[tarfile.TarInfo] = []
     try:
         for member in tf:
             members.append(member)
+            if len(members) > max_members:
+                raise UnsafeArchiveError(f"{tar}: more than {max_members} members (the limit); refused")
         # tarfile stops silently at a damaged or missing header after the first member; a complete archive ends
         # with a zero block right where the next header would be.
         tf.fileobj.seek(tf.offset)
@@ -91,38 +102,15 @@ def safe_extract_hashed(tar: str | Path, dest: str | Path, *, max_members: int =
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise CorruptArchiveError(f"{tar}: not a readable tar archive: {exc}") from exc
     with tf:
-        members = _read_members(tar, tf)
-        if len(members) > max_members:
-            raise UnsafeArchiveError(f"{tar}: {len(members)} members exceed the limit of {max_members}")
-        plan: list[tuple[tarfile.TarInfo, PurePosixPath]] = []
-        files_seen: set[PurePosixPath] = set()
-        total = 0
-        for member in members:
-            rel = _safe_relpath(tar, member)
-            if is_junk(member.name):
-                log.debug("%s: skipping AppleDouble entry %s", tar, member.name)
-                continue
-            _check_type(tar, member)
-            if member.isreg():
-                if rel in files_seen:
-                    raise UnsafeArchiveError(f"{tar}: member {member.name!r} appears twice; refused")
-                files_seen.add(rel)
-                total += member.size
-                if total > max_total_bytes:
-                    raise UnsafeArchiveError(f"{tar}: members add up to more than {max_total_bytes} bytes "
-                                             f"(at {member.name!r}); refused")
-            plan.append((member, rel))
-
+        plan = _plan(tar, _read_members(tar, tf, max_members), max_total_bytes)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
         digests: dict[str, str] = {}
         try:
             for member, rel in plan:
                 target = tmp.joinpath(*rel.parts)
-                if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                digests[rel.as_posix()] = _copy_member(tar, tf, member, target)
+                _make_dirs(tar, member, target if member.isdir() else target.parent)
+                if member.isreg():
+                    digests[rel.as_posix()] = _copy_member(tar, tf, member, target)
             _replace_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -131,21 +119,94 @@ def safe_extract_hashed(tar: str | Path, dest: str | Path, *, max_members: int =
     return dest, digests
 
 
+def _plan(tar: Path, members: list[tarfile.TarInfo], max_total_bytes: int) -> list[tuple[tarfile.TarInfo,
+                                                                                        PurePosixPath]]:
+    """The members to extract with their safe relative paths; UnsafeArchiveError for anything the policy refuses
+    (see the module docstring), before anything is written."""
+    plan: list[tuple[tarfile.TarInfo, PurePosixPath]] = []
+    files: set[PurePosixPath] = set()
+    dirs: set[PurePosixPath] = set()
+    total = 0
+    for member in members:
+        rel = _safe_relpath(tar, member)
+        if is_junk(member.name):
+            log.debug("%s: skipping AppleDouble entry %s", tar, member.name)
+            continue
+        _check_type(tar, member)
+        clash = next((p for p in rel.parents if p in files), None)
+        if clash is not None:
+            raise UnsafeArchiveError(f"{tar}: member {member.name!r} lies inside {clash.as_posix()!r}, which is a "
+                                     f"file; refused")
+        if member.isdir() and rel in files:
+            raise UnsafeArchiveError(f"{tar}: member {member.name!r} is a file and a directory; refused")
+        if member.isreg():
+            if rel == PurePosixPath("."):
+                raise UnsafeArchiveError(f"{tar}: member {member.name!r} is a file named like the target directory; "
+                                         f"refused")
+            if rel in files:
+                raise UnsafeArchiveError(f"{tar}: member {member.name!r} appears twice; refused")
+            if rel in dirs:
+                raise UnsafeArchiveError(f"{tar}: member {member.name!r} is a file and a directory; refused")
+            files.add(rel)
+            total += member.size
+            if total > max_total_bytes:
+                raise UnsafeArchiveError(f"{tar}: members add up to more than {max_total_bytes} bytes "
+                                         f"(at {member.name!r}); refused")
+        dirs.update(rel.parents)
+        if member.isdir():
+            dirs.add(rel)
+        plan.append((member, rel))
+    archive_bytes = tar.stat().st_size
+    if total > MAX_EXPANSION * max(archive_bytes, _BLOCK):
+        raise UnsafeArchiveError(f"{tar}: {archive_bytes} archive bytes would expand to {total} bytes (more than "
+                                 f"{MAX_EXPANSION} times: a compression bomb, not model weights); refused")
+    return plan
+
+
+def _make_dirs(tar: Path, member: tarfile.TarInfo, folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(tar, member, folder, exc) from exc
+
+
+def _write_error(tar: Path, member: tarfile.TarInfo, target: Path, exc: OSError) -> Exception:
+    """The error for a member that cannot be written (the archive itself is fine, unless the name is the problem)."""
+    if exc.errno == errno.ENAMETOOLONG:
+        return UnsafeArchiveError(f"{tar}: member {member.name!r} has a name too long for this file system; refused")
+    return OutputError(f"{tar}: cannot write member {member.name!r} to {target}: {exc}")
+
+
 def _copy_member(tar: Path, tf: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> str:
-    """Copy one regular member to ``target``; returns the sha256 (hex) of what was written."""
+    """Copy one regular member to ``target``; returns the sha256 (hex) of what was written. A member that cannot
+    be read is a CorruptArchiveError; a target that cannot be written (disk full, ...) an OutputError."""
     written = 0
     digest = hashlib.sha256()
     try:
-        source = tf.extractfile(member)
-        with source, open(target, "xb") as out:
-            while chunk := source.read(min(_CHUNK, member.size - written) or 1):
-                out.write(chunk)
+        out = open(target, "xb", buffering=0)  # unbuffered: every write error surfaces at its write()
+    except OSError as exc:
+        raise _write_error(tar, member, target, exc) from exc
+    with out:
+        try:
+            source = tf.extractfile(member)
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise CorruptArchiveError(f"{tar}: member {member.name!r} cannot be read: {exc}") from exc
+        with source:
+            while written < member.size:
+                try:
+                    chunk = source.read(min(_CHUNK, member.size - written))
+                except (tarfile.TarError, EOFError, OSError) as exc:
+                    raise CorruptArchiveError(f"{tar}: member {member.name!r} cannot be read: {exc}") from exc
+                if not chunk:
+                    break
+                try:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[out.write(view):]
+                except OSError as exc:
+                    raise _write_error(tar, member, target, exc) from exc
                 digest.update(chunk)
                 written += len(chunk)
-                if written >= member.size:
-                    break
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise CorruptArchiveError(f"{tar}: member {member.name!r} cannot be read: {exc}") from exc
     if written != member.size:
         raise CorruptArchiveError(f"{tar}: member {member.name!r} is truncated ({written} of {member.size} bytes)")
     return digest.hexdigest()

@@ -8,13 +8,16 @@ Fixtures:
   another file, ``mirror_tree.add_row(row)`` the (materialized) tars of a fixture row.
 * ``mirror`` (session): a :class:`MirrorServer` on 127.0.0.1 (ephemeral port) serving ``mirror_tree``;
   ``mirror.url`` / ``str(mirror)`` is the base URL to pass as ``--mirror`` / ``OCRCONV_MIRROR``. It honours Range
-  requests, logs every request (``mirror.log``) and misbehaves on request: ``mirror.misbehave(url, "drop", "500")``
-  queues one action per following request of that path.
+  requests (``If-Range`` included: each file has a strong ETag and a Last-Modified date, which change when the
+  file is replaced), logs every request (``mirror.log``) and misbehaves on request:
+  ``mirror.misbehave(url, "drop", "500")`` queues one action per following request of that path (``"a+b"``: both).
 * ``mirror_env`` (function): fresh cache dir in ``OCRCONV_CACHE``, ``OCRCONV_MIRROR`` = the mirror, short retry
   backoff, mirror log and queued misbehaviour cleared; returns the cache dir.
 """
 from __future__ import annotations
 
+import email.utils
+import gzip
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +38,9 @@ ACTIONS = {
     "truncate": "answer 200 with only the first half of the file, Content-Length matching that half",
     "slow": "serve normally, sleeping MirrorServer.slow_chunk_s after every 16 KiB",
     "hold": "send half the body, then wait until mirror.release() (at most 60 s) before sending the rest",
+    "reset": "send the headers of the answer, then close the connection before any byte of the body",
+    "no_validators": "serve normally but without ETag and Last-Modified headers",
+    "gzip": "answer 200 with the whole file gzip-compressed in transit (Content-Encoding: gzip), ignoring Range",
 }
 _SLOW_CHUNK = 16 * 1024
 
@@ -133,7 +139,7 @@ class MirrorServer:
 
     def misbehave(self, url_or_path: str, *actions: str) -> None:
         """Queue ``actions`` (keys of ACTIONS), one per following request of that path."""
-        unknown = [a for a in actions if a not in ACTIONS]
+        unknown = [a for action in actions for a in action.split("+") if a not in ACTIONS]
         if unknown:
             raise ValueError(f"unknown actions {unknown}; known: {sorted(ACTIONS)}")
         with self._lock:
@@ -210,17 +216,24 @@ def _handler_for(server: MirrorServer):
                 record.finished = time.time()
 
         def _answer(self, record: RequestRecord) -> None:
+            actions = set((record.action or "").split("+"))
             try:
                 file = server.tree.path_for(record.path)
             except ValueError:
                 return self._error(record, 400)
-            if record.action in ("500", "404"):
+            if actions & {"500", "404"}:
                 return self._error(record, int(record.action))
             if not file.is_file():
                 return self._error(record, 404)
-            data_size = file.stat().st_size
+            stat = file.stat()
+            data_size = stat.st_size
+            etag = f'"{stat.st_ino:x}-{stat.st_mtime_ns:x}-{data_size:x}"'
+            last_modified = email.utils.formatdate(stat.st_mtime, usegmt=True)
+            if "gzip" in actions:
+                return self._send_gzip(record, file)
+            if_range = self.headers.get("If-Range")
             start, end, status = 0, data_size, 200
-            if record.range and record.action != "ignore_range":
+            if record.range and "ignore_range" not in actions and if_range in (None, etag, last_modified):
                 spec = record.range.removeprefix("bytes=")
                 first, _, last = spec.partition("-")
                 start = int(first)
@@ -229,20 +242,28 @@ def _handler_for(server: MirrorServer):
                     return self._error(record, 416, {"Content-Range": f"bytes */{data_size}"})
                 status = 206
             length = end - start
-            if record.action == "truncate":
+            if "truncate" in actions:
                 length = (end - start) // 2
             record.status = status
             self.send_response(status)
             self.send_header("Content-Type", "application/x-tar")
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("Content-Length", str(length))
+            if "no_validators" not in actions:
+                self.send_header("ETag", etag)
+                self.send_header("Last-Modified", last_modified)
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{end - 1}/{data_size}")
-            if record.action == "drop":
+            if actions & {"drop", "reset"}:
                 self.send_header("Connection", "close")
             self.end_headers()
-            to_send = length // 2 if record.action == "drop" else length
-            hold_at = length - length // 2 if record.action == "hold" else None  # bytes left when holding
+            if "reset" in actions:
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            to_send = length // 2 if "drop" in actions else length
+            hold_at = length - length // 2 if "hold" in actions else None  # bytes left when holding
             with open(file, "rb") as f:
                 f.seek(start)
                 while to_send > 0:
@@ -259,12 +280,23 @@ def _handler_for(server: MirrorServer):
                         break
                     record.bytes_sent += len(chunk)
                     to_send -= len(chunk)
-                    if record.action == "slow":
+                    if "slow" in actions:
                         time.sleep(server.slow_chunk_s)
-            if record.action == "drop":
+            if "drop" in actions:
                 self.wfile.flush()
                 self.close_connection = True
                 self.connection.shutdown(2)
+
+        def _send_gzip(self, record: RequestRecord, file: Path) -> None:
+            body = gzip.compress(file.read_bytes())
+            record.status = 200
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-tar")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            record.bytes_sent = len(body)
 
     return Handler
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -15,8 +16,10 @@ import pytest
 from click.testing import CliRunner
 
 import converter.download as dl
+from converter import unpack
 from converter.cli import main
-from converter.errors import CorruptArchiveError, DownloadError, IntegrityError, UnknownModelError
+from converter.errors import (CorruptArchiveError, DownloadError, IntegrityError, OutputError, UnknownModelError,
+                              UnsafeArchiveError)
 from converter.manifest import get_model
 
 CLS = "ch_ppocr_mobile_v2.0_cls"
@@ -40,7 +43,20 @@ def cls_train_tar(fixtures_root) -> Path:
 
 
 def _no_partials(cache: Path) -> bool:
-    return not [p for p in cache.rglob("*") if p.name.endswith((".part", ".partial", ".tmp"))]
+    return not [p for p in cache.rglob("*") if p.name.endswith((".part", ".part.json", ".partial", ".tmp"))]
+
+
+def _interrupted_download(monkeypatch, mirror, path: str, action: str = "drop") -> Path:
+    """Leave a partial download of ``path`` in the cache, as a run killed mid-way would (with its resume record)."""
+    monkeypatch.setattr(dl, "RETRIES", 0)
+    mirror.misbehave(path, action, "reset")  # received bytes are resumed at once; then a connection with none
+    with pytest.raises(DownloadError, match=r"failed after 2 attempts \(1 in a row without progress\)"):
+        dl.fetch_archive(get_model(CLS), "trained" if "train" in path else "inference")
+    monkeypatch.setattr(dl, "RETRIES", 4)
+    part = Path(os.environ["OCRCONV_CACHE"]) / "archives" / (Path(path).name + ".part")
+    assert part.stat().st_size > 0 and part.with_name(part.name + ".json").is_file()
+    mirror.reset()
+    return part
 
 
 def test_download_and_unpack_through_the_mirror(mirror_env, mirror, cls_infer_tar):
@@ -77,33 +93,86 @@ def test_resume_after_dropped_connection(mirror_env, mirror, cls_train_tar, capl
     assert _no_partials(mirror_env)
 
 
-def test_resume_falls_back_when_range_is_ignored(mirror_env, mirror, cls_train_tar):
-    archive = mirror_env / "archives" / f"{CLS}_train.tar"
-    archive.parent.mkdir(parents=True)
-    part = archive.with_name(archive.name + ".part")
-    part.write_bytes(cls_train_tar.read_bytes()[:100_000])  # an earlier, interrupted run
+def test_resume_falls_back_when_range_is_ignored(mirror_env, mirror, cls_train_tar, monkeypatch):
+    size = cls_train_tar.stat().st_size
+    part = _interrupted_download(monkeypatch, mirror, CLS_TRAIN_PATH)
+    kept = part.stat().st_size
     mirror.misbehave(CLS_TRAIN_PATH, "ignore_range")
     assert dl.fetch_archive(get_model(CLS), "trained").read_bytes() == cls_train_tar.read_bytes()
     (request,) = mirror.requests_for(CLS_TRAIN_PATH)
-    assert (request.range, request.status, request.bytes_sent) == ("bytes=100000-", 200,
-                                                                   cls_train_tar.stat().st_size)
+    assert (request.range, request.status, request.bytes_sent) == (f"bytes={kept}-", 200, size)
     # and with a server that honours Range, only the rest is fetched
-    archive.unlink()
-    dl.CacheIndex(mirror_env).remove(archive.name)
-    part.write_bytes(cls_train_tar.read_bytes()[:100_000])
-    mirror.reset()
+    dl.CacheIndex(mirror_env).remove(f"{CLS}_train.tar")
+    (mirror_env / "archives" / f"{CLS}_train.tar").unlink()
+    part = _interrupted_download(monkeypatch, mirror, CLS_TRAIN_PATH)
     assert dl.fetch_archive(get_model(CLS), "trained").read_bytes() == cls_train_tar.read_bytes()
     (request,) = mirror.requests_for(CLS_TRAIN_PATH)
-    assert (request.status, request.bytes_sent) == (206, cls_train_tar.stat().st_size - 100_000)
+    assert (request.status, request.bytes_sent) == (206, size - kept)
+    assert _no_partials(mirror_env)
 
 
-def test_complete_leftover_partial_is_restarted(mirror_env, mirror, cls_train_tar):
-    part = mirror_env / "archives" / f"{CLS}_train.tar.part"
-    part.parent.mkdir(parents=True)
+def test_complete_leftover_partial_is_restarted(mirror_env, mirror, cls_train_tar, monkeypatch):
+    part = _interrupted_download(monkeypatch, mirror, CLS_TRAIN_PATH)
     part.write_bytes(cls_train_tar.read_bytes() + b"extra")  # longer than the file: Range not satisfiable
     assert dl.fetch_archive(get_model(CLS), "trained").read_bytes() == cls_train_tar.read_bytes()
     assert [(r.status, r.range) for r in mirror.requests_for(CLS_TRAIN_PATH)] == [
         (416, f"bytes={cls_train_tar.stat().st_size + 5}-"), (200, None)]
+    assert _no_partials(mirror_env)
+
+
+def test_partial_without_a_resume_record_starts_over(mirror_env, mirror, cls_train_tar, monkeypatch, caplog):
+    """A .part whose origin cannot be checked (no record, another URL, no validator from the server) is never
+    resumed: its bytes may belong to another version of the file."""
+    part = mirror_env / "archives" / f"{CLS}_train.tar.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"\0" * 100_000)  # e.g. left by an older ocrconv
+    with caplog.at_level(logging.INFO, logger="converter.download"):
+        assert dl.fetch_archive(get_model(CLS), "trained").read_bytes() == cls_train_tar.read_bytes()
+    assert [(r.status, r.range) for r in mirror.requests_for(CLS_TRAIN_PATH)] == [(200, None)]
+    assert "cannot be checked against the file on the server" in caplog.text
+    for leftover in ("another URL", "no validator"):
+        dl.CacheIndex(mirror_env).remove(f"{CLS}_train.tar")
+        (mirror_env / "archives" / f"{CLS}_train.tar").unlink()
+        part = _interrupted_download(monkeypatch, mirror, CLS_TRAIN_PATH)
+        record = part.with_name(part.name + ".json")
+        info = json.loads(record.read_text())
+        info.update({"url": "http://elsewhere.invalid/x.tar"} if leftover == "another URL" else {"validator": None})
+        record.write_text(json.dumps(info))
+        assert dl.fetch_archive(get_model(CLS), "trained").read_bytes() == cls_train_tar.read_bytes()
+        assert [(r.status, r.range) for r in mirror.requests_for(CLS_TRAIN_PATH)] == [(200, None)], leftover
+    # a server that sends no validator: a dropped download starts over rather than resuming
+    dl.CacheIndex(mirror_env).remove(f"{CLS}_train.tar")
+    (mirror_env / "archives" / f"{CLS}_train.tar").unlink()
+    mirror.reset()
+    mirror.misbehave(CLS_TRAIN_PATH, "drop+no_validators", "no_validators")
+    assert dl.fetch_archive(get_model(CLS), "trained").read_bytes() == cls_train_tar.read_bytes()
+    assert [(r.status, r.range) for r in mirror.requests_for(CLS_TRAIN_PATH)] == [(200, None), (200, None)]
+    assert _no_partials(mirror_env)
+
+
+def test_a_file_replaced_on_the_server_is_not_spliced(mirror_env, mirror, mirror_tree, cls_train_tar, fixtures_root,
+                                                      monkeypatch):
+    """Resuming sends If-Range with the first answer's validator: when the file changed in between, the server
+    sends the new file whole, and the cache never pins half of each."""
+    _interrupted_download(monkeypatch, mirror, CLS_TRAIN_PATH)
+    newer = fixtures_root / "ch_ppocr_mobile_v2.0_det" / "ch_ppocr_mobile_v2.0_det_train.tar"
+    mirror_tree.add(CLS_TRAIN_PATH, newer)  # a new upload under the same URL
+    try:
+        archive = dl.fetch_archive(get_model(CLS), "trained")
+    finally:
+        mirror_tree.add(CLS_TRAIN_PATH, cls_train_tar)
+    assert archive.read_bytes() == newer.read_bytes()
+    (request,) = mirror.requests_for(CLS_TRAIN_PATH)
+    assert request.range is not None and request.status == 200
+    assert dl.CacheIndex(mirror_env).get(archive.name)["sha256"] == _sha(newer)
+
+
+def test_content_encoded_answer_is_decoded_and_checked(mirror_env, mirror, cls_infer_tar):
+    mirror.misbehave(CLS_INFER_PATH, "gzip")  # Content-Encoding: gzip although identity was asked for
+    assert dl.fetch_archive(get_model(CLS)).read_bytes() == cls_infer_tar.read_bytes()
+    (request,) = mirror.requests_for(CLS_INFER_PATH)
+    assert request.bytes_sent < cls_infer_tar.stat().st_size
+    assert _no_partials(mirror_env)
 
 
 def test_server_error_is_retried(mirror_env, mirror, cls_infer_tar, caplog):
@@ -127,12 +196,25 @@ def test_retries_are_bounded(mirror_env, mirror, monkeypatch):
 
 def test_dropped_connections_past_the_retry_budget(mirror_env, mirror, monkeypatch):
     monkeypatch.setattr(dl, "RETRIES", 1)
-    mirror.misbehave(CLS_INFER_PATH, "drop", "drop")
-    with pytest.raises(DownloadError, match="failed after 2 attempts"):
+    mirror.misbehave(CLS_INFER_PATH, "drop", "reset", "reset")
+    with pytest.raises(DownloadError, match=r"failed after 3 attempts \(2 in a row without progress\)"):
         dl.fetch_archive(get_model(CLS))
     assert not (mirror_env / "archives" / f"{CLS}_infer.tar").exists()
     part = mirror_env / "archives" / f"{CLS}_infer.tar.part"
     assert 0 < part.stat().st_size < 716800  # kept to resume later, never under the final name
+
+
+def test_attempts_that_make_progress_do_not_use_up_the_retries(mirror_env, mirror, cls_infer_tar, monkeypatch):
+    """A flaky link that drops every connection part-way still completes a large download."""
+    monkeypatch.setattr(dl, "RETRIES", 1)
+    mirror.misbehave(CLS_INFER_PATH, *["drop"] * 6)  # each answer sends half of what is left
+    assert dl.fetch_archive(get_model(CLS)).read_bytes() == cls_infer_tar.read_bytes()
+    assert [r.status for r in mirror.requests_for(CLS_INFER_PATH)] == [200] + [206] * 6
+
+
+def test_malformed_mirror_url_is_a_download_error(mirror_env):
+    with pytest.raises(DownloadError, match="not-a-url"):
+        dl.fetch_archive(get_model(CLS), mirror="not-a-url")
 
 
 def test_404_names_url_and_model(mirror_env, mirror):
@@ -174,13 +256,86 @@ def test_damaged_cache_is_detected_and_repaired(mirror_env, mirror, cls_infer_ta
     else:
         (model_dir / "inference.pdiparams").unlink()
     with caplog.at_level(logging.WARNING, logger="converter.download"):
+        # the unpacked files are unchanged since extraction: used as they are, the archive is not read
         assert dl.fetch_artifact(get_model(CLS)) == model_dir
+        assert len(mirror.requests_for(CLS_INFER_PATH)) == 1
+        assert dl.fetch_archive(get_model(CLS)) == archive  # the archive itself is verified when asked for
     assert archive.read_bytes() == cls_infer_tar.read_bytes()
     assert (model_dir / "inference.pdiparams").is_file()
     expected_requests = 1 if damage == "delete_unpacked_file" else 2
     assert len(mirror.requests_for(CLS_INFER_PATH)) == expected_requests
     if damage != "delete_unpacked_file":
         assert "downloading again" in caplog.text
+
+
+def test_edited_unpacked_file_is_extracted_again(mirror_env, mirror, cls_infer_tar, caplog):
+    model_dir = dl.fetch_artifact(get_model(CLS))
+    params = model_dir / "inference.pdiparams"
+    original, stat = params.read_bytes(), params.stat()
+    edited = bytearray(original)
+    edited[len(edited) // 2] ^= 1
+    params.write_bytes(bytes(edited))
+    os.utime(params, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime
+    with caplog.at_level(logging.INFO, logger="converter.download"):
+        assert dl.fetch_artifact(get_model(CLS)) == model_dir
+    assert params.read_bytes() == original
+    assert "changed since it was extracted" in caplog.text
+    assert len(mirror.requests_for(CLS_INFER_PATH)) == 1  # from the cached archive
+
+
+def test_unsafe_archive_is_dropped_from_the_cache(mirror_env, mirror, tmp_path):
+    """An archive refused as unsafe is not kept (pinned in the index) for the next run to fail on again."""
+    hostile = tmp_path / f"{CLS}_infer.tar"
+    with tarfile.open(hostile, "w") as tf:
+        link = tarfile.TarInfo(f"{CLS}_infer/inference.pdiparams")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+    archive = mirror_env / "archives" / hostile.name
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(hostile.read_bytes())
+    dl.CacheIndex(mirror_env).put(hostile.name, {"url": "https://example.invalid/x.tar", "source": "http://evil/x.tar",
+                                                 "size": hostile.stat().st_size, "sha256": _sha(hostile)})
+    with pytest.raises(UnsafeArchiveError, match=r"symlink.*downloaded from http://evil/x.tar; removed"):
+        dl.fetch_artifact(get_model(CLS))
+    assert not archive.exists() and dl.CacheIndex(mirror_env).get(hostile.name) is None
+    assert (dl.fetch_artifact(get_model(CLS)) / "inference.pdiparams").is_file()  # the next run downloads anew
+
+
+def test_write_error_while_unpacking_keeps_the_archive(mirror_env, mirror, monkeypatch):
+    archive = dl.fetch_archive(get_model(CLS))
+
+    def disk_full(path, mode="r", *args, **kwargs):
+        if "x" in mode:
+            raise OSError(28, "No space left on device")
+        return open(path, mode, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(unpack, "open", disk_full, raising=False)
+        with pytest.raises(OutputError, match="No space left"):
+            dl.fetch_artifact(get_model(CLS))
+    assert archive.is_file() and dl.CacheIndex(mirror_env).get(archive.name) is not None
+    assert (dl.fetch_artifact(get_model(CLS)) / "inference.pdiparams").is_file()
+    assert len(mirror.requests_for(CLS_INFER_PATH)) == 1
+
+
+def test_waiting_for_another_process_is_said(mirror_env, mirror, caplog):
+    from filelock import FileLock
+
+    archive = mirror_env / "archives" / f"{CLS}_infer.tar"
+    archive.parent.mkdir(parents=True)
+    held = FileLock(str(archive) + ".lock")
+    held.acquire()
+    result = []
+    worker = threading.Thread(target=lambda: result.append(dl.fetch_archive(get_model(CLS))))
+    with caplog.at_level(logging.WARNING, logger="converter.download"):
+        worker.start()
+        deadline = time.time() + 10
+        while "waiting for another ocrconv process" not in caplog.text and time.time() < deadline:
+            time.sleep(0.02)
+        held.release()
+        worker.join(30)
+    assert f"waiting for another ocrconv process working on {archive.name}" in caplog.text
+    assert result == [archive]
 
 
 def test_truncated_download_is_never_used(mirror_env, mirror, cls_infer_tar, caplog):
@@ -207,8 +362,9 @@ def test_download_must_match_recorded_sha(mirror_env, mirror, cls_infer_tar):
 
 
 def test_expected_sha256(mirror_env, mirror, cls_infer_tar):
-    with pytest.raises(IntegrityError, match="does not match the expected 0000"):
+    with pytest.raises(IntegrityError, match="does not match the expected 0000") as info:
         dl.fetch_archive(get_model(CLS), expected_sha256="0" * 64)
+    assert "cache index" not in str(info.value)  # the expectation came from the caller, not from the index
     assert not (mirror_env / "archives" / f"{CLS}_infer.tar").exists()
     assert dl.fetch_archive(get_model(CLS), expected_sha256=_sha(cls_infer_tar)).is_file()
     with pytest.raises(IntegrityError, match="cache index records"):
@@ -224,8 +380,19 @@ def test_offline_uses_only_the_cache(mirror_env, mirror):
     assert dl.fetch_artifact(get_model(CLS), offline=True) == model_dir
     archive = mirror_env / "archives" / f"{CLS}_infer.tar"
     archive.write_bytes(archive.read_bytes()[:-10])
-    with pytest.raises(DownloadError, match="is damaged"):
+    with pytest.raises(DownloadError, match="does not match its record in the cache index"):
+        dl.fetch_archive(get_model(CLS), offline=True)
+    assert dl.fetch_artifact(get_model(CLS), offline=True) == model_dir  # the unpacked files are intact
+    archive.unlink()
+    assert dl.fetch_artifact(get_model(CLS), offline=True) == model_dir
+    (model_dir / "inference.pdmodel").write_bytes(b"edited")
+    with pytest.raises(DownloadError, match="is not in the cache"):
         dl.fetch_artifact(get_model(CLS), offline=True)
+    dl.fetch_archive(get_model(CLS))
+    (mirror_env / "index.json").unlink()
+    mirror.reset()
+    with pytest.raises(DownloadError, match="has no record in the cache index"):
+        dl.fetch_archive(get_model(CLS), offline=True)
     assert mirror.log == []
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from converter.errors import CorruptArchiveError, UnsafeArchiveError, UnsupportedFormatError
-from converter.unpack import find_model_dir, safe_extract
+from converter import unpack
+from converter.errors import CorruptArchiveError, OutputError, UnsafeArchiveError, UnsupportedFormatError
+from converter.unpack import find_model_dir, safe_extract, safe_extract_hashed
 
 CLS_ROW = "ch_ppocr_mobile_v2.0_cls"
 
@@ -96,6 +97,14 @@ HOSTILE = {
     "block device": ([_special("model/sda", tarfile.BLKTYPE)], "device file or fifo"),
     "fifo": ([_special("model/pipe", tarfile.FIFOTYPE)], "device file or fifo"),
     "duplicate file": ([_file("model/a.pdparams", b"1"), _file("model/a.pdparams", b"2")], "appears twice"),
+    "file, then a file inside it": ([_file("model/a"), _file("model/a/b.pdparams")], "inside 'model/a', which is a file"),
+    "file, then a directory of that name": ([_file("model/a"), _special("model/a", tarfile.DIRTYPE)],
+                                            "is a file and a directory"),
+    "directory, then a file of that name": ([_special("model/a", tarfile.DIRTYPE), _file("model/a")],
+                                            "is a file and a directory"),
+    "file inside a file's implied directory": ([_file("model/a/b"), _file("model/a")], "is a file and a directory"),
+    "file named '.'": ([_file(".")], "named like the target directory"),
+    "sparse file": ([_special("model/s.pdiparams", tarfile.GNUTYPE_SPARSE)], "sparse file"),
 }
 
 
@@ -110,6 +119,80 @@ def test_hostile_archives_are_refused_and_write_nothing(work, case):
     assert str(tar) in str(info.value)
     assert _listing(work) == before
     assert not Path("/tmp/ocrconv_evil.pdparams").exists()
+
+
+def test_sparse_member_of_a_tiny_tar_is_refused(work):
+    """An old-GNU sparse member that tarfile would expand to 100 MiB from a 3 KB plain tar."""
+    real = 100 * 1024**2
+    info = tarfile.TarInfo("m/inference.pdiparams")
+    info.type, info.size = tarfile.GNUTYPE_SPARSE, 512
+    header = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    header[386:398] = b"%011o\0" % (real - 512)  # one 512-byte data chunk at the very end
+    header[398:410] = b"%011o\0" % 512
+    header[483:495] = b"%011o\0" % real  # the expanded size
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % tarfile.calc_chksums(bytes(header))[0]
+    tar = work / "sparse.tar"
+    tar.write_bytes(bytes(header) + b"W" * 512 + b"\0" * 1024)
+    with tarfile.open(tar) as tf:
+        assert tf.getmember("m/inference.pdiparams").isreg()  # tarfile calls it a regular file
+    with pytest.raises(UnsafeArchiveError, match="'m/inference.pdiparams' is a sparse file"):
+        safe_extract(tar, work / "out" / "target")
+    assert os.listdir(work / "out") == []
+
+
+def test_compression_bomb_is_refused_before_writing(work):
+    tar = _make_tar(work / "bomb.tar", [_file("m/inference.pdiparams", bytes(4 * 1024**2))], mode="w:gz")
+    assert tar.stat().st_size < 16 * 1024  # 4 MiB of zeros
+    with pytest.raises(UnsafeArchiveError, match=r"would expand to 4194304 bytes \(more than 64 times"):
+        safe_extract(tar, work / "out" / "target")
+    assert os.listdir(work / "out") == []
+    weights = _make_tar(work / "weights.tar", [_file("m/inference.pdiparams", os.urandom(1 << 20))], mode="w:gz")
+    assert (safe_extract(weights, work / "out" / "target") / "m" / "inference.pdiparams").stat().st_size == 1 << 20
+
+
+def test_member_limit_applies_while_reading_headers(work):
+    """The limit stops the header walk: a tar damaged after its 12th member fails on a limit of 10, before the
+    damage is reached (a 1 MB compressed tar can hold 200k headers)."""
+    tar = _make_tar(work / "many.tar", [_file(f"m/{i}", b"") for i in range(50)])
+    tar.write_bytes(tar.read_bytes()[:12 * tarfile.BLOCKSIZE] + b"\xff" * tarfile.BLOCKSIZE)
+    with pytest.raises(CorruptArchiveError):
+        safe_extract(tar, work / "out" / "target", max_members=100)
+    with pytest.raises(UnsafeArchiveError, match="more than 10 members"):
+        safe_extract(tar, work / "out" / "target", max_members=10)
+    assert os.listdir(work / "out") == []
+
+
+def test_write_errors_are_not_blamed_on_the_archive(work, monkeypatch):
+    """A full disk is an OutputError naming the member and the target (the archive is fine); a name too long for
+    the file system is refused as unsafe; neither leaves anything behind."""
+    tar = _make_tar(work / "ok.tar", [_file("m/inference.pdmodel"), _file("m/inference.pdiparams", b"w" * 4096)])
+    real_open = open
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        handle = real_open(path, mode, *args, **kwargs)
+        if "x" in mode and str(path).endswith(".pdiparams"):
+            class Full:
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    handle.close()
+
+                def write(self, data):
+                    raise OSError(28, "No space left on device")
+            return Full()
+        return handle
+
+    monkeypatch.setattr(unpack, "open", full_disk, raising=False)
+    with pytest.raises(OutputError, match=r"cannot write member 'm/inference.pdiparams' to .*No space left"):
+        safe_extract(tar, work / "out" / "target")
+    monkeypatch.undo()
+    assert os.listdir(work / "out") == []
+    long_tar = _make_tar(work / "long.tar", [_file("m/" + "x" * 300 + "/inference.pdiparams")])
+    with pytest.raises(UnsafeArchiveError, match="name too long for this file system"):
+        safe_extract(long_tar, work / "out" / "target")
+    assert os.listdir(work / "out") == []
 
 
 def test_failed_extraction_keeps_the_previous_directory(work):
@@ -165,7 +248,7 @@ def test_not_a_tar(work):
 
 def test_size_and_member_limits(work):
     tar = _make_tar(work / "big.tar", [_file(f"m/{i}.pdparams", b"x" * 600) for i in range(5)])
-    with pytest.raises(UnsafeArchiveError, match="5 members exceed the limit of 4"):
+    with pytest.raises(UnsafeArchiveError, match="more than 4 members"):
         safe_extract(tar, work / "out" / "target", max_members=4)
     with pytest.raises(UnsafeArchiveError, match="more than 2000 bytes"):
         safe_extract(tar, work / "out" / "target", max_total_bytes=2000)
