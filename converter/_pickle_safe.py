@@ -6,7 +6,8 @@ contain are resolved, and each one is replaced by a guard that checks its argume
 * ``numpy.core.multiarray._reconstruct`` / ``numpy._core.multiarray._reconstruct``: only
   ``_reconstruct(ndarray, (0,), b'b')``, the empty shell numpy's ``ndarray.__reduce__`` emits;
 * ``numpy.ndarray``: an opaque token that only ``_reconstruct`` accepts (it cannot be called);
-* ``numpy.dtype``: plain numeric/bool dtypes only (no object, string or structured dtypes);
+* ``numpy.dtype``: plain numeric/bool dtypes only (no object, string or structured dtypes); its two flags
+  may be bools or, as numpy < 1.19 wrote them, the ints 0 and 1;
 * ``numpy.core.multiarray.scalar`` (and ``numpy._core``): a numeric dtype plus exactly itemsize bytes;
 * ``_codecs.encode``: only ``(str, 'latin1')``, the way protocol 2 stores ``bytes``;
 * ``builtins.tuple`` (Paddle 2.1 saves tensors as ``tuple((name, ndarray))``), ``builtins.bytes`` (empty only),
@@ -21,11 +22,15 @@ other ``BUILD`` target is refused. The shells are swapped for their arrays once 
 
 Reading is two passes. :func:`_prescan` walks the opcodes without building anything: every byte count and frame
 size is checked against the file size, memo indices may only grow one by one, and opcodes a Paddle checkpoint never
-uses (``NEWOBJ``/``NEWOBJ_EX``, ``EXT*``, protocol 5 buffers) are refused. Only then is the file unpickled, with the
+uses (``NEWOBJ``/``NEWOBJ_EX``, ``EXT*``, protocol 5 buffers) are refused. It also follows the unpickler's stack,
+counting how many objects each one stands for when shared (memoized, then referenced again) objects are followed as
+a tree: a "billion laughs" pickle, a few hundred bytes of ``GET``s that would make hashing its keys or walking its
+result take exponential time, is refused before it is built. Only then is the file unpickled, with the
 same guards, by the C unpickler (its allocations are now bounded by the checked counts; this is what makes reading
 fast), or, when the file holds array data as large latin1 texts (protocol 0-2), by the pure-Python one, which drops
 each text from the memo as soon as its bytes exist, so those files also peak at about 1x their size. Data the guards
-materialize is charged against a budget of twice the file size, so a small pickle cannot expand into a memory bomb.
+materialize is charged against a budget of twice the file size, so a small pickle cannot expand into a memory bomb;
+shared objects are converted once (their results stay shared).
 Arrays keep the pickle's bytes as their buffer (no second copy); payloads of 1 MiB or more are not read at all when
 the caller can map the file (``load_pickle(map_from=...)``): their arrays are copy-on-write views of the mapping.
 """
@@ -37,6 +42,7 @@ import io
 import math
 import mmap
 import pickle
+import reprlib
 import struct
 from typing import IO, Any, Callable
 
@@ -48,8 +54,23 @@ _NUMERIC_KINDS = frozenset("biufc")
 _BYTEORDERS = frozenset("<>|=")
 
 
+class _ShortRepr(reprlib.Repr):
+    """``repr`` that builds only what it shows: a few items of each container, the start of each text or bytes."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxstring = self.maxother = 40
+
+    def repr_bytes(self, value: bytes, level: int) -> str:
+        return repr(value[:self.maxstring]) + ("..." if len(value) > self.maxstring else "")
+
+
+_SHORT_REPR = _ShortRepr()
+
+
 def _describe(value: Any) -> str:
-    text = repr(value)
+    """A short repr for messages (a plain repr of a shared or large object could take gigabytes)."""
+    text = _SHORT_REPR.repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -221,13 +242,14 @@ class _ScalarShell(_Shell):
 class _MappedBytes(_Shell):
     """A large BINBYTES payload left in the file: arrays are made as views of a private mapping of it."""
 
-    __slots__ = ("buffer", "offset", "count")
+    __slots__ = ("buffer", "offset", "count", "data")
 
     def __init__(self, ctx: _Context, buffer: mmap.mmap, offset: int, count: int):
         super().__init__(ctx)
         self.buffer = buffer
         self.offset = offset
         self.count = count
+        self.data: bytes | None = None
 
     def __len__(self) -> int:
         return self.count
@@ -240,7 +262,11 @@ class _MappedBytes(_Shell):
         return flat.reshape(shape, order="F" if is_fortran else "C")
 
     def value(self) -> bytes:
-        return bytes(self.buffer[self.offset:self.offset + self.count])
+        """The payload as bytes (when it is not array data): read once, charged once, then shared."""
+        if self.data is None:
+            self.ctx.charge(self.count, f"a bytes value of {self.count} bytes")
+            self.data = self.buffer[self.offset:self.offset + self.count]
+        return self.data
 
 
 class _OrderedDict(collections.OrderedDict):
@@ -296,10 +322,12 @@ class _Reconstruct(_Guard):
 
 
 class _Dtype(_Guard):
+    """``numpy.dtype(spec, align, copy)``; numpy before 1.19 pickled the two flags as the ints 0 and 1."""
+
     __slots__ = ()
 
     def __call__(self, *args):
-        if not 1 <= len(args) <= 3 or not all(isinstance(flag, bool) for flag in args[1:]):
+        if not 1 <= len(args) <= 3 or not all(type(flag) in (bool, int) and flag in (0, 1) for flag in args[1:]):
             raise self.refuse(f"expected (str, bool, bool), got {_describe(args)}")
         return _DtypeShell(self.ctx, _numeric_dtype(args[0], self.where))
 
@@ -399,12 +427,12 @@ _FIXED_ARG = {op[0]: size for op, size in (
     (pickle.APPENDS, 0), (pickle.LIST, 0), (pickle.EMPTY_LIST, 0), (pickle.SETITEM, 0), (pickle.TUPLE, 0),
     (pickle.EMPTY_TUPLE, 0), (pickle.SETITEMS, 0), (pickle.TUPLE1, 0), (pickle.TUPLE2, 0), (pickle.TUPLE3, 0),
     (pickle.NEWTRUE, 0), (pickle.NEWFALSE, 0), (pickle.EMPTY_SET, 0), (pickle.ADDITEMS, 0), (pickle.FROZENSET, 0),
-    (pickle.STACK_GLOBAL, 0), (pickle.OBJ, 0), (pickle.BINGET, 1),
+    (pickle.STACK_GLOBAL, 0), (pickle.OBJ, 0), (pickle.MEMOIZE, 0), (pickle.BINGET, 1),
     (pickle.BININT1, 1), (pickle.BININT2, 2), (pickle.BININT, 4), (pickle.LONG_BINGET, 4), (pickle.BINFLOAT, 8))}
 # opcode -> width of its fixed-size argument, -1 for the opcodes _prescan looks at more closely
 _FIXED_WIDTH = [_FIXED_ARG.get(code, -1) for code in range(256)]
-# opcode -> (struct format of the byte count, signed); the count is followed by that many bytes
-_COUNTED = {op[0]: fmt for op, fmt in (
+# opcode -> the struct of its byte count; the count is followed by that many bytes
+_COUNTED = {op[0]: struct.Struct(fmt) for op, fmt in (
     (pickle.SHORT_BINSTRING, "<B"), (pickle.SHORT_BINBYTES, "<B"), (pickle.SHORT_BINUNICODE, "<B"),
     (pickle.LONG1, "<B"), (pickle.BINSTRING, "<i"), (pickle.BINBYTES, "<I"), (pickle.BINUNICODE, "<I"),
     (pickle.LONG4, "<i"), (pickle.BINUNICODE8, "<Q"), (pickle.BINBYTES8, "<Q"))}
@@ -422,6 +450,36 @@ _LARGE_TEXT = 1 << 16  # texts this long (array data in protocol 0-2 pickles) ar
 _OPNAMES = {code[0]: name for name, code in vars(pickle).items()
             if name.isupper() and isinstance(code, bytes) and len(code) == 1}
 _SCAN_CHUNK = 1 << 13
+
+# How each opcode with no or a fixed-size argument changes the unpickler's stack, for the tree-size bound of
+# _prescan (the others are followed where their argument is read); the arity is the number of objects popped
+(_MEMOIZE, _LEAF, _EMPTY, _BINGET, _LONG_BINGET, _MARK, _POP, _POP_MARK, _DUP, _BUILD, _MARKED_NEW, _MARKED_INTO,
+ _POPPED_NEW, _POPPED_INTO) = range(14)
+_EFFECTS = {
+    _LEAF: [pickle.NONE, pickle.NEWTRUE, pickle.NEWFALSE, pickle.BININT, pickle.BININT1, pickle.BININT2,
+            pickle.BINFLOAT],
+    _EMPTY: [pickle.EMPTY_LIST, pickle.EMPTY_DICT, pickle.EMPTY_TUPLE, pickle.EMPTY_SET],
+    _BINGET: [pickle.BINGET], _LONG_BINGET: [pickle.LONG_BINGET], _MEMOIZE: [pickle.MEMOIZE],
+    _MARK: [pickle.MARK], _POP: [pickle.POP], _POP_MARK: [pickle.POP_MARK], _DUP: [pickle.DUP], _BUILD: [pickle.BUILD],
+    # build one object from everything above the mark / add everything above the mark to the object below it
+    _MARKED_NEW: [pickle.TUPLE, pickle.LIST, pickle.DICT, pickle.FROZENSET, pickle.OBJ],
+    _MARKED_INTO: [pickle.APPENDS, pickle.SETITEMS, pickle.ADDITEMS],
+}
+_EFFECT = [-1] * 256
+_ARITY = [0] * 256
+for _effect, _codes in _EFFECTS.items():
+    for _code in _codes:
+        _EFFECT[_code[0]] = _effect
+for _code, _effect, _arity in (
+        (pickle.TUPLE1, _POPPED_NEW, 1), (pickle.TUPLE2, _POPPED_NEW, 2), (pickle.TUPLE3, _POPPED_NEW, 3),
+        (pickle.REDUCE, _POPPED_NEW, 2), (pickle.STACK_GLOBAL, _POPPED_NEW, 2),
+        (pickle.APPEND, _POPPED_INTO, 1), (pickle.SETITEM, _POPPED_INTO, 2)):
+    _EFFECT[_code[0]], _ARITY[_code[0]] = _effect, _arity
+del _effect, _codes, _code, _arity
+# What _prescan lets the objects of a pickle add up to, followed as trees (a shared object counted once per
+# reference): sharing lets a few hundred bytes stand for a tree of 2**40 nodes. Checkpoints stay below 1 per byte.
+_TREE_SLACK = 1 << 16
+_TREE_PER_BYTE = 8
 
 
 class _Scan:
@@ -472,88 +530,232 @@ def _prescan(file: IO[bytes], size: int, source: str) -> tuple[int, bool, list[t
 
     Byte counts and frame sizes must fit in the file, memo indices may grow only one at a time, and opcodes a
     checkpoint never uses are refused. Payloads are skipped, so the scan reads little more than the opcodes.
+
+    The scan also follows the unpickler's stack, with the tree size of each object: the number of objects it holds
+    when every shared (memoized, then referenced again) object is counted once per reference, as hashing a key,
+    checking a guard's arguments or walking the result count them. No object, and not the objects it drops (POP,
+    BUILD states, what STOP leaves below the result) together, may reach ``_TREE_PER_BYTE`` per byte of the
+    pickle (plus ``_TREE_SLACK``): such a pickle is refused as a "billion laughs" bomb before anything is built.
     """
     scan = _Scan(file, size, source)
     buf, pos, n = scan.buf, 0, len(scan.buf)
-    protocol = memo = frame_end = 0
+    safe = n - 9  # up to here an opcode and any fixed argument lie in the window
+    protocol = frame_end = 0
     large_text = False
     payloads: list[tuple[int, int, int]] = []
+    # The unpickler's stack, each object as a cell [tree size, referenced again]. A memoized object keeps its cell,
+    # so a GET sees the size it grew to, and a container may not grow once it is referenced a second time (which
+    # would also make it hold itself). Scalars, strings and globals share one cell: they never grow.
+    leaf: list = [1, False]
+    stack: list[list] = []
+    marks: list[int] = []  # stack height at each open MARK
+    memo: list[list] = []  # the cell of each memo entry
+    dropped = 0  # the tree sizes of the objects dropped, summed
+    limit = _TREE_SLACK  # raised to what the bytes scanned so far allow when a tree size outgrows it
     width_of, counted, lines, puts, refused = _FIXED_WIDTH, _COUNTED, _LINES, _PUTS, _REFUSED
-    while True:
-        if pos + 9 > n and scan.base + n < size:  # keep the opcode and any fixed argument in the window
-            pos = scan.move(pos)
-            buf, n = scan.buf, len(scan.buf)
-        if pos >= n:
-            raise scan.unreadable(f"it ended at byte {scan.base + pos} without its STOP opcode (truncated)")
-        op = buf[pos]
-        width = width_of[op]
-        if width >= 0:  # the common case: an opcode with no or a fixed-size argument
-            pos += 1 + width
-            continue
-        at = scan.base + pos
-        if op == 0x94:  # MEMOIZE
-            memo += 1
-            pos += 1
-        elif op == 0x2E:  # STOP
-            return protocol, large_text, payloads
-        elif op == 0x80:  # PROTO
-            if pos + 1 >= n:
-                raise scan.unreadable(f"it ended at byte {size} inside an opcode argument (truncated)")
-            protocol = buf[pos + 1]
-            pos += 2
-        elif op in counted:
-            fmt = counted[op]
-            width = struct.calcsize(fmt)
-            if pos + 1 + width > n:
-                raise scan.unreadable(f"it ended at byte {size} inside an opcode argument (truncated)")
-            (count,) = struct.unpack_from(fmt, buf, pos + 1)
-            pos += 1 + width
-            scan.check_count(count, op, at, scan.base + pos)
-            large_text = large_text or (count >= _LARGE_TEXT and op in _TEXTS)
-            if count >= MAPPED_BYTES and op in _BYTES and at >= frame_end:
-                payloads.append((at, 1 + width, count))
-            pos += count
-            if pos > n:
-                pos = scan.move(pos)
-                buf, n = scan.buf, len(scan.buf)
-        elif op == 0x95:  # FRAME: the next count bytes are opcodes, scanned as usual
-            if pos + 9 > n:
-                raise scan.unreadable(f"it ended at byte {size} inside an opcode argument (truncated)")
-            (count,) = struct.unpack_from("<Q", buf, pos + 1)
-            pos += 9
-            scan.check_count(count, op, at, scan.base + pos)
-            frame_end = scan.base + pos + count
-        elif op in puts:
-            fmt = puts[op]
-            if fmt is None:
-                start, end = scan.line_end(pos + 1)
-                buf, n = scan.buf, len(scan.buf)
-                text, pos = buf[start:end], end + 1
-                if not text.isdigit():
-                    raise scan.unreadable(f"PUT at byte {at} has a bad index {text[:20]!r}")
-                index = int(text)
-            else:
-                (index,) = struct.unpack_from(fmt, buf, pos + 1)
-                pos += 1 + struct.calcsize(fmt)
-            if index > memo:
-                raise scan.unreadable(f"memo index {index} at byte {at} skips ahead of the {memo} entries stored")
-            memo = max(memo, index + 1)
-        elif op in lines:
-            pos += 1
-            for _ in range(lines[op]):
-                start, end = scan.line_end(pos)
-                large_text = large_text or end - start >= _LARGE_TEXT
-                pos = end + 1
-            buf, n = scan.buf, len(scan.buf)
-        elif op in refused:
-            raise UnsafeCheckpointError(
-                f"{source}: refused opcode {refused[op]} at byte {at}: a Paddle checkpoint never uses it")
-        elif op in _PERSISTENT_IDS:
-            raise UnsafeCheckpointError(
-                f"{source}: refused to load: the pickle uses a persistent id (at byte {at}), which a Paddle "
-                "checkpoint never contains")
-        else:
-            raise scan.unreadable(f"unknown opcode 0x{op:02x} at byte {at}")
+    effect_of, arity_of = _EFFECT, _ARITY
+    try:
+        while True:
+            if pos > safe:
+                if scan.base + n < size:  # keep the opcode and any fixed argument in the window
+                    pos = scan.move(pos)
+                    buf, n = scan.buf, len(scan.buf)
+                    safe = n - 9
+                if pos >= n:
+                    raise scan.unreadable(f"it ended at byte {scan.base + pos} without its STOP opcode (truncated)")
+            op = buf[pos]
+            effect = effect_of[op]
+            if effect == _MEMOIZE:
+                memo.append(stack[-1])
+                pos += 1
+            elif effect == _BINGET:
+                cell = memo[buf[pos + 1]]
+                cell[1] = True
+                stack.append(cell)
+                pos += 2
+            elif effect == _LEAF:
+                stack.append(leaf)
+                pos += 1 + width_of[op]
+            elif effect == _POPPED_NEW:  # TUPLE1-3, REDUCE, STACK_GLOBAL: a new object from the top 1-3
+                arity = arity_of[op]
+                if arity == 1:
+                    nodes = stack[-1][0] + 1
+                elif arity == 2:
+                    nodes = stack.pop()[0] + stack[-1][0] + 1
+                else:
+                    nodes = stack.pop()[0] + stack.pop()[0] + stack[-1][0] + 1
+                stack[-1] = [nodes, False]
+                if nodes > limit:
+                    limit = _tree_limit(source, scan.base + pos, nodes)
+                pos += 1
+            elif effect < 0:  # an opcode with a counted or text argument, or none of a checkpoint's
+                at = scan.base + pos
+                if op in counted:
+                    count_struct = counted[op]
+                    width = count_struct.size
+                    if pos + 1 + width > n:
+                        raise scan.unreadable(f"it ended at byte {size} inside an opcode argument (truncated)")
+                    (count,) = count_struct.unpack_from(buf, pos + 1)
+                    pos += 1 + width
+                    if not 0 <= count <= size - scan.base - pos:
+                        scan.check_count(count, op, at, scan.base + pos)  # raises
+                    stack.append(leaf)
+                    if count >= _LARGE_TEXT:  # array data: a protocol 0-2 text, or (>= MAPPED_BYTES) a payload to map
+                        large_text = large_text or op in _TEXTS
+                        if count >= MAPPED_BYTES and op in _BYTES and at >= frame_end:
+                            payloads.append((at, 1 + width, count))
+                    pos += count
+                    if pos > n:
+                        pos = scan.move(pos)
+                        buf, n = scan.buf, len(scan.buf)
+                        safe = n - 9
+                elif op == 0x2E:  # STOP: the result is walked, what lies below it was built for nothing
+                    _tree_limit(source, at, dropped + sum(cell[0] for cell in stack))
+                    return protocol, large_text, payloads
+                elif op == 0x80:  # PROTO
+                    if pos + 1 >= n:
+                        raise scan.unreadable(f"it ended at byte {size} inside an opcode argument (truncated)")
+                    protocol = buf[pos + 1]
+                    pos += 2
+                elif op == 0x95:  # FRAME: the next count bytes are opcodes, scanned as usual
+                    if pos + 9 > n:
+                        raise scan.unreadable(f"it ended at byte {size} inside an opcode argument (truncated)")
+                    (count,) = struct.unpack_from("<Q", buf, pos + 1)
+                    pos += 9
+                    scan.check_count(count, op, at, scan.base + pos)
+                    frame_end = scan.base + pos + count
+                elif op in puts:
+                    fmt = puts[op]
+                    if fmt is None:
+                        index, pos = _line_index(scan, pos + 1, "PUT", at)
+                        buf, n = scan.buf, len(scan.buf)
+                        safe = n - 9
+                    else:
+                        (index,) = struct.unpack_from(fmt, buf, pos + 1)
+                        pos += 1 + struct.calcsize(fmt)
+                    if index > len(memo):
+                        raise scan.unreadable(
+                            f"memo index {index} at byte {at} skips ahead of the {len(memo)} entries stored")
+                    if index == len(memo):
+                        memo.append(stack[-1])
+                    else:
+                        memo[index] = stack[-1]
+                elif op == 0x67:  # GET, its index as a text line
+                    index, pos = _line_index(scan, pos + 1, "GET", at)
+                    buf, n = scan.buf, len(scan.buf)
+                    safe = n - 9
+                    cell = memo[index]
+                    cell[1] = True
+                    stack.append(cell)
+                elif op in lines:  # INT, LONG, FLOAT, STRING, UNICODE, GLOBAL: a leaf; INST: an object from the mark
+                    pos += 1
+                    for _ in range(lines[op]):
+                        start, end = scan.line_end(pos)
+                        large_text = large_text or end - start >= _LARGE_TEXT
+                        pos = end + 1
+                    buf, n = scan.buf, len(scan.buf)
+                    safe = n - 9
+                    if op == 0x69:  # INST
+                        start = marks.pop()
+                        nodes = 1 + sum(cell[0] for cell in stack[start:])
+                        del stack[start:]
+                        stack.append([nodes, False])
+                        if nodes > limit:
+                            limit = _tree_limit(source, at, nodes)
+                    else:
+                        stack.append(leaf)
+                elif op in refused:
+                    raise UnsafeCheckpointError(
+                        f"{source}: refused opcode {refused[op]} at byte {at}: a Paddle checkpoint never uses it")
+                elif op in _PERSISTENT_IDS:
+                    raise UnsafeCheckpointError(
+                        f"{source}: refused to load: the pickle uses a persistent id (at byte {at}), which a Paddle "
+                        "checkpoint never contains")
+                else:
+                    raise scan.unreadable(f"unknown opcode 0x{op:02x} at byte {at}")
+            elif effect == _MARK:
+                marks.append(len(stack))
+                pos += 1
+            elif effect == _MARKED_NEW:  # TUPLE, LIST, DICT, FROZENSET, OBJ: a new object from the mark on
+                start = marks.pop()
+                nodes = 1
+                for cell in stack[start:]:
+                    nodes += cell[0]
+                del stack[start:]
+                stack.append([nodes, False])
+                if nodes > limit:
+                    limit = _tree_limit(source, scan.base + pos, nodes)
+                pos += 1
+            elif effect == _BUILD:  # the state goes to a shell's checks; the shell stands for an array or dtype
+                dropped += stack.pop()[0]
+                if dropped > limit:
+                    limit = _tree_limit(source, scan.base + pos, dropped)
+                pos += 1
+            elif effect == _LONG_BINGET:
+                cell = memo[struct.unpack_from("<I", buf, pos + 1)[0]]
+                cell[1] = True
+                stack.append(cell)
+                pos += 5
+            elif effect == _POPPED_INTO or effect == _MARKED_INTO:  # APPEND(S), SETITEM(S), ADDITEMS
+                start = len(stack) - arity_of[op] if effect == _POPPED_INTO else marks.pop()
+                if start < 1:
+                    raise _stack_underflow(scan, pos)
+                target = stack[start - 1]
+                if target[1] or target is leaf:
+                    raise scan.unreadable(
+                        f"byte {scan.base + pos} adds items to an object that is not a container, or to a container "
+                        "already referenced elsewhere (a self-referencing structure, which a checkpoint never holds)")
+                for cell in stack[start:]:
+                    target[0] += cell[0]
+                del stack[start:]
+                if target[0] > limit:
+                    limit = _tree_limit(source, scan.base + pos, target[0])
+                pos += 1
+            elif effect == _EMPTY:
+                stack.append([1, False])
+                pos += 1
+            elif effect == _POP or effect == _POP_MARK:
+                if effect == _POP_MARK or (marks and len(stack) == marks[-1]):
+                    start = marks.pop()
+                else:
+                    start = len(stack) - 1
+                for cell in stack[start:]:
+                    dropped += cell[0]
+                del stack[start:]
+                if dropped > limit:
+                    limit = _tree_limit(source, scan.base + pos, dropped)
+                pos += 1
+            else:  # _DUP
+                cell = stack[-1]
+                cell[1] = True
+                stack.append(cell)
+                pos += 1
+    except IndexError as exc:  # the stack, a MARK or a memo entry an opcode needs is not there
+        raise _stack_underflow(scan, pos) from exc
+
+
+def _tree_limit(source: str, at: int, nodes: int) -> int:
+    """What the first ``at`` bytes of a pickle allow its trees to add up to; refuses ``nodes`` beyond that."""
+    limit = _TREE_SLACK + _TREE_PER_BYTE * at
+    if nodes > limit:
+        raise CorruptWeightsError(
+            f"{source}: refused to load: by byte {at} its shared objects expand to {nodes} objects when followed as "
+            f"trees, more than the {limit} allowed (a 'billion laughs' bomb or a corrupt pickle)")
+    return limit
+
+
+def _stack_underflow(scan: _Scan, pos: int) -> CorruptWeightsError:
+    return scan.unreadable(
+        f"the opcode near byte {scan.base + pos} uses a stack item, mark or memo entry that does not exist")
+
+
+def _line_index(scan: _Scan, pos: int, what: str, at: int) -> tuple[int, int]:
+    """The memo index on the text line at ``pos`` (protocol 0 PUT/GET) and the position after it."""
+    start, end = scan.line_end(pos)
+    text = scan.buf[start:end]
+    if not text.isdigit():
+        raise scan.unreadable(f"{what} at byte {at} has a bad index {text[:20]!r}")
+    return int(text), end + 1
 
 
 # ----------------------------------------------------------------------------- pass 2: unpickling
@@ -722,30 +924,45 @@ class _PythonUnpickler(pickle._Unpickler):
                 self.memo[index] = _RELEASED
 
 
-def _finish(obj: Any, source: str, depth: int = 0) -> Any:
-    """``obj`` with every shell replaced by its value; guards or released texts in the result are refused."""
-    if depth > 100:
-        raise CorruptWeightsError(f"{source}: the pickle nests deeper than 100 levels")
+def _finish(obj: Any, source: str, done: dict[int, Any], depth: int = 0) -> Any:
+    """``obj`` with every shell replaced by its value; guards or released texts in the result are refused.
+
+    ``done`` maps the id of each container or shell already converted to its result, so an object the pickle
+    shares (memoized, referenced again) is converted once and stays shared.
+    """
     kind = type(obj)
     if kind in (str, int, float, bool, bytes) or obj is None:
         return obj
+    if id(obj) in done:
+        return done[id(obj)]
+    if depth > 100:
+        raise CorruptWeightsError(f"{source}: the pickle nests deeper than 100 levels")
     if isinstance(obj, _Shell):
-        return obj.value()
-    if isinstance(obj, _Guard):
+        result = obj.value()
+    elif isinstance(obj, _Guard):
         raise UnsafeCheckpointError(f"{source}: the pickle returns the global {obj.qualname} itself")
-    if obj is _RELEASED:
+    elif obj is _RELEASED:
         raise CorruptWeightsError(f"{source}: the pickle uses the data text of an array twice")
-    if isinstance(obj, dict):
-        items = [(_finish(k, source, depth + 1), _finish(v, source, depth + 1)) for k, v in obj.items()]
-        return collections.OrderedDict(items) if isinstance(obj, collections.OrderedDict) else dict(items)
-    if kind in (list, tuple):
-        return kind(_finish(v, source, depth + 1) for v in obj)
-    if kind in (set, frozenset):
-        values = [_finish(v, source, depth + 1) for v in obj]
-        if any(isinstance(v, np.ndarray) for v in values):
-            raise CorruptWeightsError(f"{source}: the pickle puts an array in a set")
-        return kind(values)
-    raise UnsafeCheckpointError(f"{source}: unexpected {kind.__name__} in the result")
+    elif isinstance(obj, dict):
+        items = [(k if type(k) is str else _finish(k, source, done, depth + 1), _finish(v, source, done, depth + 1))
+                 for k, v in obj.items()]
+        try:
+            result = collections.OrderedDict(items) if isinstance(obj, collections.OrderedDict) else dict(items)
+        except TypeError as exc:
+            raise CorruptWeightsError(
+                f"{source}: a dict key is unhashable once its arrays are built ({exc}); a checkpoint keys its "
+                "entries by names") from exc
+    elif kind in (list, tuple):
+        result = kind(_finish(v, source, done, depth + 1) for v in obj)
+    elif kind in (set, frozenset):
+        try:
+            result = kind(_finish(v, source, done, depth + 1) for v in obj)
+        except TypeError as exc:
+            raise CorruptWeightsError(f"{source}: the pickle puts an array in a set ({exc})") from exc
+    else:
+        raise UnsafeCheckpointError(f"{source}: unexpected {kind.__name__} in the result")
+    done[id(obj)] = result
+    return result
 
 
 def load_pickle(file: IO[bytes], size: int, *, source: str,
@@ -769,7 +986,7 @@ def load_pickle(file: IO[bytes], size: int, *, source: str,
             unpickler = _FastUnpickler(io.BufferedReader(_Spliced(file, size, payloads)), ctx, mapped)
         else:
             unpickler = _FastUnpickler(file, ctx)
-        obj = unpickler.load()
+        obj = _finish(unpickler.load(), source, {})
     except (UnsafeCheckpointError, CorruptWeightsError):
         raise
     except RecursionError as exc:
@@ -779,5 +996,4 @@ def load_pickle(file: IO[bytes], size: int, *, source: str,
         where = file.tell() if file.seekable() else "?"
         raise CorruptWeightsError(
             f"{source}: not a readable Paddle pickle (near byte {where}): {type(exc).__name__}: {exc}") from exc
-    obj = _finish(obj, source)
     return obj, {"protocol": protocol if protocol >= 2 else None, "globals": sorted(ctx.globals_seen)}

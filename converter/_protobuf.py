@@ -128,11 +128,13 @@ def _text(buf: bytes, value) -> str:
 
 # ----------------------------------------------------------------------------- Paddle types
 
-#: VarType.Type values of data types -> numpy dtype strings (little endian). BF16/FP8 have no numpy dtype.
+#: VarType.Type values of data types -> numpy dtype strings (little endian).
 PADDLE_DTYPES: dict[int, str] = {
     0: "|b1", 1: "<i2", 2: "<i4", 3: "<i8", 4: "<f2", 5: "<f4", 6: "<f8",
     20: "|u1", 21: "|i1", 23: "<c8", 24: "<c16", 36: "<u2", 37: "<u4", 38: "<u8",
 }
+#: Valid Paddle data types that numpy has no dtype for (BF16, FP8_E4M3FN, FP8_E5M2).
+NON_NUMPY_DTYPES = frozenset({22, 32, 33})
 #: Names of every VarType.Type value (data types and variable kinds).
 VAR_TYPE_NAMES: dict[int, str] = {
     0: "BOOL", 1: "INT16", 2: "INT32", 3: "INT64", 4: "FP16", 5: "FP32", 6: "FP64", 19: "SIZE_T",
@@ -146,6 +148,7 @@ DENSE_TENSOR = 7
 FEED_MINIBATCH = 9
 FETCH_LIST = 10
 READER = 15
+RAW = 17
 
 
 @dataclass

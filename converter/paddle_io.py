@@ -42,8 +42,10 @@ NAME_TABLE_KEY = "StructuredToParameterName@@"
 BIG_PARAM_KEY = "UnpackBigParamInfor@@"
 PICKLE_SUFFIXES = (".pdparams", ".pdopt", ".states")
 TRAINED_PREFERENCE = ("best_accuracy.pdparams", "student.pdparams")
-_SKIPPED_VAR_TYPES = {pb.FEED_MINIBATCH, pb.FETCH_LIST, pb.READER}  # as Paddle's is_persistable()
+# not parameters: Paddle's is_persistable() leaves out the first three, and save_vars() skips RAW variables
+_SKIPPED_VAR_TYPES = {pb.FEED_MINIBATCH, pb.FETCH_LIST, pb.READER, pb.RAW}
 _MAX_LOD_LEVELS = 16
+_FLATTEN_SLACK = 1 << 20  # characters of names and values a state may flatten to beyond its file size
 
 
 @dataclass(frozen=True)
@@ -224,9 +226,9 @@ class _Files:
 
     def describe(self, name: str) -> str:
         """Human-readable location of ``name``."""
-        if self.container:
-            return f"{self.root}!{name}"
-        return str(self.root / name) if name else str(self.root)
+        if not name:
+            return str(self.root)
+        return f"{self.root}!{name}" if self.container else str(self.root / name)
 
     def path(self, name: str) -> Path:
         """Path attributed to ``name`` (the tar itself for a tar member)."""
@@ -234,8 +236,11 @@ class _Files:
 
 
 def _ignored(name: str) -> bool:
+    """AppleDouble files, ``__MACOSX`` and anything in a hidden folder (``.ipynb_checkpoints``...), in a directory
+    or a tar alike."""
     parts = name.split("/")
-    return any(p.startswith("._") or p == "__MACOSX" for p in parts)
+    return (any(p.startswith("._") or p == "__MACOSX" for p in parts)
+            or any(p.startswith(".") for p in parts[:-1]))
 
 
 def _dir_files(root: Path, max_depth: int = 4) -> _Files:
@@ -243,7 +248,7 @@ def _dir_files(root: Path, max_depth: int = 4) -> _Files:
     root_depth = len(root.parts)
     for dirpath, dirnames, filenames in os.walk(root):
         depth = len(Path(dirpath).parts) - root_depth
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__MACOSX" and depth < max_depth)
+        dirnames[:] = sorted(d for d in dirnames if not _ignored(f"{d}/") and depth < max_depth)
         for filename in sorted(filenames):
             full = Path(dirpath) / filename
             rel = full.relative_to(root).as_posix()
@@ -383,14 +388,18 @@ def _choose(files: _Files, prefer: str | None, kind: str | None) -> _Choice:
     candidates = (inference if kind != "trained" else []) + (pickles if kind != "inference" else [])
     where = files.describe("")
     if prefer is not None:
-        wanted = [c for c in candidates + others if _matches(c, prefer)]
+        every = inference + pickles + others
+        wanted = [c for c in every if _matches(c, prefer)]
         if len(wanted) != 1:
             raise UnsupportedFormatError(
-                f"{where}: prefer={prefer!r} matches {len(wanted)} of the weight files {candidates + others}")
+                f"{where}: prefer={prefer!r} matches {len(wanted)} of the weight files {every}")
         chosen = wanted[0]
-        if chosen.endswith(".pdmodel"):
-            return _Choice("inference", chosen[: -len(".pdmodel")], candidates, others)
-        return _Choice("trained", chosen, candidates, others)
+        chosen_kind = "inference" if chosen.endswith(".pdmodel") else "trained"
+        if kind is not None and kind != chosen_kind:
+            raise UnsupportedFormatError(
+                f"{where}: prefer={prefer!r} names the {chosen_kind} file {chosen}, but kind={kind!r} was asked for")
+        name = chosen[: -len(".pdmodel")] if chosen_kind == "inference" else chosen
+        return _Choice(chosen_kind, name, candidates, others)
     if kind != "trained" and prefixes:
         if pickles and kind is None:
             raise UnsupportedFormatError(
@@ -429,11 +438,18 @@ def _repack_big_params(state: dict, table: Any, source: str) -> list[str]:
         raise CorruptWeightsError(f"{source}: {BIG_PARAM_KEY} is not a dict")
     joined = []
     for key, info in table.items():
+        if not isinstance(key, str):
+            raise CorruptWeightsError(f"{source}: {BIG_PARAM_KEY} has a {type(key).__name__} key, not a name")
         try:
             shape = tuple(int(d) for d in info["OriginShape"])
             slices = list(info["slices"])
         except (TypeError, KeyError, ValueError) as exc:
             raise CorruptWeightsError(f"{source}: malformed {BIG_PARAM_KEY} entry for {key!r}") from exc
+        for part in slices:
+            if not isinstance(part, str):
+                raise CorruptWeightsError(
+                    f"{source}: {BIG_PARAM_KEY} entry for {key!r} lists a {type(part).__name__} among its slices; "
+                    "slices are named by strings")
         parts: list[np.ndarray | None] = []
         for part in slices:
             array = state.get(part)
@@ -445,8 +461,8 @@ def _repack_big_params(state: dict, table: Any, source: str) -> list[str]:
         if (len(dtypes) != 1 or len(set(slices)) != len(slices) or any(d < 0 for d in shape)
                 or total != math.prod(shape)):
             raise CorruptWeightsError(
-                f"{source}: slices {slices} of big parameter {key!r} hold {total} elements of {dtypes}, "
-                f"its OriginShape {shape} needs {math.prod(shape)}")
+                f"{source}: the {len(slices)} slices of big parameter {key!r} ({len(set(slices))} distinct) hold "
+                f"{total} elements of {dtypes}, its OriginShape {shape} needs {math.prod(shape)}")
         out = np.empty(total, dtype=dtypes.pop())
         at = 0
         for index, part_name in enumerate(slices):  # drop each slice once copied: peak = one array + one slice
@@ -459,36 +475,106 @@ def _repack_big_params(state: dict, table: Any, source: str) -> list[str]:
     return joined
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, bytes):
-        return value.decode("latin1")
-    return value
+class _Flattener:
+    """Collects the arrays of an unpickled state dict under dotted names, in every form ``paddle.save`` writes
+    (ndarray, ``(name, ndarray)``, nested dicts, lists and tuples), and its other values as plain data.
 
+    Like ``paddle.load``, it follows an object the pickle shares once per reference; ``_prescan`` bounds how many
+    objects that can make, and ``budget`` bounds the characters of the keys, Paddle names and text/bytes values
+    written, so a small pickle cannot expand into huge names or values.
+    """
 
-def _flatten_state(obj: Any, prefix: str, arrays: dict, names: dict, values: dict, forms: set) -> None:
-    """Collect arrays from a state dict in every form ``paddle.save`` writes (ndarray, (name, ndarray), nesting)."""
-    if isinstance(obj, np.ndarray):
-        forms.add("ndarray")
-        arrays[prefix] = obj
-    elif (isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], str)
-          and isinstance(obj[1], np.ndarray)):
-        forms.add("tuple(name, ndarray)")
-        arrays[prefix] = obj[1]
-        names.setdefault(prefix, obj[0])
-    elif isinstance(obj, dict):
-        if prefix:
-            forms.add("nested dict")
-        for key, value in obj.items():
-            _flatten_state(value, f"{prefix}.{key}" if prefix else str(key), arrays, names, values, forms)
-    elif isinstance(obj, list) and any(isinstance(v, (np.ndarray, dict, tuple)) for v in obj):
-        for index, value in enumerate(obj):
-            _flatten_state(value, f"{prefix}.{index}" if prefix else str(index), arrays, names, values, forms)
-    else:
-        values[prefix] = _plain(obj)
+    def __init__(self, source: str, budget: int):
+        self.source = source
+        self.budget = budget
+        self.arrays: dict[str, np.ndarray] = {}
+        self.names: dict[str, str] = {}
+        self.values: dict[str, Any] = {}
+        self.forms: set[str] = set()
+        self._state_within: dict[int, bool] = {}  # id of a list/tuple -> whether arrays or dicts lie in it
+
+    def add(self, obj: Any, prefix: str) -> None:
+        """File ``obj`` (and what it holds) under ``prefix``."""
+        self.budget -= 1 + len(prefix)
+        if self.budget < 0:
+            raise self._exhausted(prefix)
+        if isinstance(obj, np.ndarray):
+            self.forms.add("ndarray")
+            self._store(self.arrays, prefix, obj)
+        elif (isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], str)
+              and isinstance(obj[1], np.ndarray)):
+            self.forms.add("tuple(name, ndarray)")
+            self._store(self.arrays, prefix, obj[1])
+            self._charge(len(obj[0]), prefix)
+            self.names[prefix] = obj[0]
+        elif isinstance(obj, dict):
+            if prefix:
+                self.forms.add("nested dict")
+            for key, value in obj.items():
+                name = key if type(key) is str else self._key_name(key, prefix)
+                self.add(value, f"{prefix}.{name}" if prefix else name)
+        elif isinstance(obj, (list, tuple)) and self._holds_state(obj):
+            for index, value in enumerate(obj):
+                self.add(value, f"{prefix}.{index}" if prefix else str(index))
+        else:
+            self._store(self.values, prefix, self._plain(obj, prefix))
+
+    def add_names(self, table: dict) -> None:
+        """Take the Paddle variable names of the arrays read from a ``StructuredToParameterName@@`` table."""
+        for key, name in table.items():
+            if isinstance(key, str) and isinstance(name, str) and key in self.arrays:
+                self._charge(len(name), key)
+                self.names[key] = name
+
+    def _key_name(self, key: Any, prefix: str) -> str:
+        if isinstance(key, str):
+            return key
+        if isinstance(key, int) and key.bit_length() <= 64:
+            return str(key)
+        raise CorruptWeightsError(
+            f"{self.source}: a key under {prefix or 'the top level'!r} is a {type(key).__name__}; "
+            "a state dict is keyed by names (or integers)")
+
+    def _holds_state(self, sequence: list | tuple) -> bool:
+        """Whether an array or a dict lies in ``sequence``, at any depth of lists and tuples."""
+        known = self._state_within.get(id(sequence))
+        if known is None:
+            known = any(isinstance(v, (np.ndarray, dict)) or (isinstance(v, (list, tuple)) and self._holds_state(v))
+                        for v in sequence)
+            self._state_within[id(sequence)] = known
+        return known
+
+    def _store(self, table: dict, key: str, value: Any) -> None:
+        if key in self.arrays or key in self.values:
+            raise CorruptWeightsError(
+                f"{self.source}: two entries of the state are both named {key!r} once nested names are joined "
+                "with '.'; refusing to keep only one of them")
+        table[key] = value
+
+    def _plain(self, value: Any, prefix: str) -> Any:
+        """A value as plain Python data: numpy scalars as numbers, lists/tuples as lists, bytes as latin1 text."""
+        self._charge(1, prefix)
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, (list, tuple)):
+            return [self._plain(v, prefix) for v in value]
+        if isinstance(value, (str, bytes)):
+            self._charge(len(value), prefix)
+            return value.decode("latin1") if isinstance(value, bytes) else value
+        if isinstance(value, (set, frozenset)):
+            for member in value:
+                self._plain(member, prefix)
+        return value
+
+    def _charge(self, count: int, prefix: str) -> None:
+        self.budget -= count
+        if self.budget < 0:
+            raise self._exhausted(prefix)
+
+    def _exhausted(self, prefix: str) -> CorruptWeightsError:
+        return CorruptWeightsError(
+            f"{self.source}: at {prefix or 'the top level'!r}, the names and values of the state grow past the "
+            "file's size (an object referenced many times over: a decompression bomb or a corrupt pickle)")
 
 
 def _read_trained(files: _Files, name: str) -> tuple[dict, dict, dict]:
@@ -502,13 +588,11 @@ def _read_trained(files: _Files, name: str) -> tuple[dict, dict, dict]:
     state = dict(obj)
     table = state.pop(NAME_TABLE_KEY, None)
     joined = _repack_big_params(state, state.pop(BIG_PARAM_KEY), source) if BIG_PARAM_KEY in state else []
-    arrays: dict[str, np.ndarray] = {}
-    names: dict[str, str] = {}
-    values: dict[str, Any] = {}
-    forms: set[str] = set()
-    _flatten_state(state, "", arrays, names, values, forms)
+    flat = _Flattener(source, size + _FLATTEN_SLACK)
+    flat.add(state, "")
     if isinstance(table, dict):
-        names.update({str(k): str(v) for k, v in table.items() if str(k) in arrays})
+        flat.add_names(table)
+    arrays, names = flat.arrays, flat.names
     numpy_modules = sorted({g.rsplit(".", 1)[0] for g in facts["globals"] if g.endswith("._reconstruct")})
     meta = {
         "format": "pickle",
@@ -517,10 +601,10 @@ def _read_trained(files: _Files, name: str) -> tuple[dict, dict, dict]:
         "pickle_protocol": facts["protocol"],
         "pickle_globals": facts["globals"],
         "numpy_module": numpy_modules,
-        "forms": sorted(forms),
+        "forms": sorted(flat.forms),
         "name_table": table is not None,
         "big_params_joined": joined,
-        "values": values,
+        "values": flat.values,
     }
     return arrays, names, meta
 
@@ -627,8 +711,8 @@ def _read_tensor(reader: BoundedReader, var: pb.VarDesc, source: str,
             raise
         raise corrupt(str(exc).split(": ", 1)[-1]) from exc
     dtype = pb.PADDLE_DTYPES.get(desc.data_type)
-    if dtype is None:
-        raise corrupt(f"unknown or unsupported data type {pb.VAR_TYPE_NAMES.get(desc.data_type, desc.data_type)}")
+    if dtype is None and desc.data_type not in pb.NON_NUMPY_DTYPES:
+        raise corrupt(f"unknown data type {pb.VAR_TYPE_NAMES.get(desc.data_type, desc.data_type)}")
     if any(d < 0 for d in desc.dims):
         raise corrupt(f"negative dimension in {desc.dims}")
     expected = var.tensor
@@ -638,6 +722,10 @@ def _read_tensor(reader: BoundedReader, var: pb.VarDesc, source: str,
         if expected.data_type != desc.data_type:
             raise corrupt(f"stored dtype {_dtype_name(desc.data_type)} differs from the program's "
                           f"{_dtype_name(expected.data_type)}")
+    if dtype is None:
+        raise UnsupportedFormatError(
+            f"{source}: variable {var.name!r} is stored as {pb.VAR_TYPE_NAMES[desc.data_type]}, which numpy (and so "
+            "ocrconv) cannot represent; export the model in float32 or float16")
     nbytes = math.prod(desc.dims) * np.dtype(dtype).itemsize
     if nbytes > reader.size - reader.pos:
         raise corrupt(f"data of shape {desc.dims} {np.dtype(dtype).name} needs {nbytes} bytes at byte {reader.pos}, "
@@ -765,7 +853,12 @@ def load(path: str | os.PathLike, *, prefer: str | None = None, kind: str | None
     ``path``: a ``.tar``, an unpacked directory, a ``.pdparams``/``.pdopt``/``.states`` file, an inference prefix
     (``.../inference``) or a ``.pdmodel``/``.pdiparams`` file. In a directory or tar, ``kind`` ("trained" or
     "inference") picks one kind when both are present and ``prefer`` names the file to read (default:
-    best_accuracy.pdparams, else student.pdparams, else the only checkpoint).
+    best_accuracy.pdparams, else student.pdparams, else the only checkpoint); a ``prefer`` of the other ``kind``,
+    or one that names another file than a single-file ``path``, is an error. Hidden folders are skipped.
+
+    Arrays keep the dtype they were saved with. bfloat16 tensors of trained checkpoints come back as the uint16
+    bit patterns ``paddle.save`` stores (as ``paddle.load(..., return_numpy=True)`` gives them); inference models
+    record the data type, and BF16/FP8 tensors there raise UnsupportedFormatError.
     Raises UnsupportedFormatError, UnsafeCheckpointError or CorruptWeightsError.
     """
     if kind not in (None, "trained", "inference"):
@@ -775,7 +868,12 @@ def load(path: str | os.PathLike, *, prefer: str | None = None, kind: str | None
         files, forced_kind, forced_name = _files_for(path, stack)
         if forced_kind is not None:
             if kind is not None and kind != forced_kind:
-                raise UnsupportedFormatError(f"{path}: is a {forced_kind} file, not {kind}")
+                article = "an" if forced_kind == "inference" else "a"
+                raise UnsupportedFormatError(f"{path}: is {article} {forced_kind} file, not {kind}")
+            named = f"{forced_name}.pdmodel" if forced_kind == "inference" else forced_name
+            if prefer is not None and not _matches(named, prefer):
+                raise UnsupportedFormatError(
+                    f"{path}: prefer={prefer!r} names another file than the one this path reads ({named})")
             choice = _Choice(forced_kind, forced_name, [forced_name], [])
         else:
             choice = _choose(files, prefer, kind)
