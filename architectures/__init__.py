@@ -13,13 +13,15 @@ import inspect
 import torch
 
 from architectures.backbones import BACKBONES
+from architectures.errors import ConfigError, UnknownFamilyError
 from architectures.families import classic as _classic
 from architectures.heads import HEADS
-from architectures.model import OCRModel
+from architectures.layers import clear_inference_caches
+from architectures.model import DET_SIZE_MULTIPLE, OCRModel
 from architectures.necks import NECKS
 
 __all__ = ["BACKBONES", "NECKS", "HEADS", "FAMILIES", "OCRModel", "build", "family_config", "load_pretrained",
-           "from_pretrained"]
+           "from_pretrained", "clear_inference_caches"]
 
 
 def _collect_families() -> dict[str, dict]:
@@ -52,19 +54,41 @@ def _merge(base: dict, overrides: dict) -> dict:
 
 
 def family_config(name: str, **overrides) -> dict:
-    """A deep copy of the family's base config; dict overrides are merged recursively."""
-    if name not in FAMILIES:
-        from converter.errors import FamilyError
+    """A deep copy of the family's base config; dict overrides are merged recursively.
 
-        raise FamilyError(f"unknown architecture family {name!r}; known families: {', '.join(sorted(FAMILIES))}")
+    An unknown name raises UnknownFamilyError (a ConfigError, a ValueError) listing the known families."""
+    if name not in FAMILIES:
+        raise UnknownFamilyError(f"unknown architecture family {name!r}; "
+                                 f"known families: {', '.join(sorted(FAMILIES))}")
     return copy.deepcopy(_merge(FAMILIES[name], overrides))
 
 
-def _instantiate(registry, spec: dict, in_channels, form: str):
+def _section(config: dict, section: str, required: bool) -> dict | None:
+    """``config[section]``: a dict with a ``name`` (None for an absent or empty optional section); ConfigError
+    otherwise."""
+    spec = config.get(section)
+    if not spec and not required:
+        return None
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        found = "missing" if spec is None else f"{spec!r}"
+        raise ConfigError(f"the architecture config needs a {section!r} section, a dict with a 'name' and the "
+                          f"module's arguments; {found} (sections present: {sorted(config)})")
+    return spec
+
+
+def _instantiate(registry, section: str, spec: dict, in_channels, form: str):
     kwargs = dict(spec)
-    cls = registry.get_class(kwargs.pop("name"))
-    if "form" in inspect.signature(cls).parameters:
+    name = kwargs.pop("name")
+    cls = registry.get_class(name)
+    signature = inspect.signature(cls)
+    if "form" in signature.parameters:
         kwargs.setdefault("form", form)  # build the deploy form directly instead of fusing fresh branches
+    try:
+        signature.bind(in_channels=in_channels, **kwargs)
+    except TypeError as exc:
+        accepted = ", ".join(p for p in signature.parameters if p != "in_channels")
+        raise ConfigError(f"the config's {section} {name!r} does not fit the module: {exc} (it takes: {accepted})"
+                          ) from None
     return cls(in_channels=in_channels, **kwargs)
 
 
@@ -90,20 +114,25 @@ def build(config: dict, *, init_weights: bool = True) -> OCRModel:
 
     With ``form == "deploy"`` (the default) re-parameterizable modules are built in (or switched to) their deploy
     form. ``init_weights=False`` skips torch's random initialisation (parameters hold arbitrary values): for callers
-    that load every parameter and buffer right after, with a strict state-dict load.
+    that load every parameter and buffer right after, with a strict state-dict load. A config that cannot be built
+    (missing ``backbone`` / ``head`` section, unknown module name, arguments the module does not take) raises
+    ConfigError; a ``"task": "det"`` model checks that input sides are multiples of 32.
     """
     form = config.get("form", "deploy")
     if form not in ("deploy", "train"):
-        raise ValueError(f"form must be 'deploy' or 'train', got {form!r}")
+        raise ConfigError(f"form must be 'deploy' or 'train', got {form!r}")
     with contextlib.nullcontext() if init_weights else _skip_weight_init():
-        backbone = _instantiate(BACKBONES, config["backbone"], config.get("in_channels", 3), form)
+        backbone = _instantiate(BACKBONES, "backbone", _section(config, "backbone", True),
+                                config.get("in_channels", 3), form)
         channels = backbone.out_channels
         neck = None
-        if config.get("neck"):
-            neck = _instantiate(NECKS, config["neck"], channels, form)
+        neck_spec = _section(config, "neck", False)
+        if neck_spec:
+            neck = _instantiate(NECKS, "neck", neck_spec, channels, form)
             channels = neck.out_channels
-        head = _instantiate(HEADS, config["head"], channels, form)
-        model = OCRModel(backbone, neck, head)
+        head = _instantiate(HEADS, "head", _section(config, "head", True), channels, form)
+        model = OCRModel(backbone, neck, head,
+                         size_multiple=DET_SIZE_MULTIPLE if config.get("task") == "det" else None)
     if form == "deploy":
         model.reparameterize()
     return model.eval()

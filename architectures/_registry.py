@@ -5,6 +5,8 @@ import importlib
 import pkgutil
 from typing import Callable, TypeVar
 
+from architectures.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -28,11 +30,11 @@ class Registry(dict):
         return decorate
 
     def get_class(self, name: str):
-        """The class registered under ``name``; ValueError listing the known names otherwise."""
+        """The class registered under ``name``; ConfigError (a ValueError) listing the known names otherwise."""
         try:
             return self[name]
         except KeyError:
-            raise ValueError(f"unknown {self.kind} {name!r}; known: {sorted(self)}") from None
+            raise ConfigError(f"unknown {self.kind} {name!r}; known: {sorted(self)}") from None
 
 
 def import_submodules(package_name: str, package_path) -> None:

@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_globals
+from torch.utils.hooks import RemovableHandle
 
 BN_EPS = 1e-5  # Paddle's BatchNorm / BatchNorm2D default epsilon
 
@@ -83,7 +85,10 @@ def _pair(value) -> tuple[int, int]:
 
 class DerivedTensors:
     """Tensors computed from module tensors (e.g. a batch norm folded into a convolution), cached and recomputed
-    whenever one of the source tensors is replaced or modified in place (load_state_dict, .to(), in-place edits)."""
+    whenever one of the source tensors is replaced or modified in place through autograd-visible operations
+    (optimizer steps, ``copy_`` / ``mul_`` under ``no_grad``). Edits through ``.data`` are invisible to torch's
+    version counters: ``CachedInferenceModule`` also drops its caches on train()/eval() transitions, ``.to()`` and
+    the like, ``load_state_dict``; anything else needs ``clear_inference_caches``."""
 
     def __init__(self):
         self._entry: tuple[tuple, tuple[torch.Tensor, ...]] | None = None  # (key, value), replaced as a whole
@@ -94,6 +99,10 @@ class DerivedTensors:
     def __reduce__(self):
         return DerivedTensors, ()
 
+    def clear(self) -> None:
+        """Forget the cached tensors: the next ``get`` computes them again."""
+        self._entry = None
+
     def get(self, sources, compute: Callable[[], tuple[torch.Tensor, ...]], extra=()) -> tuple[torch.Tensor, ...]:
         """The cached value of ``compute()`` for the current state of the ``sources`` (tensors or None)."""
         key = (*extra, *((t.data_ptr(), _version(t), t.dtype, t.device) if t is not None else None for t in sources))
@@ -103,6 +112,100 @@ class DerivedTensors:
                 entry = (key, compute())
             self._entry = entry
         return entry[1]
+
+
+class CachedInferenceModule(nn.Module):
+    """Base of the modules whose inference fast path keeps ``DerivedTensors`` (folded batch norms, oneDNN-packed
+    weights): the caches are dropped on train()/eval() transitions, on ``_apply`` (``.to()``, ``.float()``,
+    ``.cuda()`` ...) and when ``load_state_dict`` reaches the module."""
+
+    def _drop_derived_tensors(self) -> None:
+        for value in self.__dict__.values():
+            if isinstance(value, DerivedTensors):
+                value.clear()
+
+    def train(self, mode: bool = True):
+        if mode != self.training:
+            self._drop_derived_tensors()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self._drop_derived_tensors()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._drop_derived_tensors()
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+class _HookCheck:
+    """The hook-handle counter (``RemovableHandle.next_id``) at which a module last had no forward hooks, or None.
+    Not copied or pickled: a copy checks again."""
+
+    __slots__ = ("stamp",)
+
+    def __init__(self):
+        self.stamp: int | None = None
+
+    def __deepcopy__(self, memo) -> _HookCheck:
+        return _HookCheck()
+
+    def __reduce__(self):
+        return _HookCheck, ()
+
+    def clear(self) -> None:
+        self.stamp = None
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether forward hooks or pre-hooks are registered on ``module`` or on a module inside it, or globally
+    (``torch.nn.modules.module.register_module_forward_hook``).
+
+    A "no" is remembered until the next hook registration anywhere (torch numbers every hook handle), so a call
+    costs one comparison; while hooks exist the modules are checked at every call, so a removed hook stops counting
+    at once. After replacing a sub-module that already carries hooks, call ``clear_inference_caches``."""
+    check = module.__dict__.get("_hook_check")
+    if check is not None and check.stamp == RemovableHandle.next_id:
+        return False
+    stamp = RemovableHandle.next_id
+    hooked = bool(_module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks) or any(
+        m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+    if check is None:
+        check = module.__dict__["_hook_check"] = _HookCheck()
+    check.stamp = None if hooked else stamp
+    return hooked
+
+
+def inference_fast_path(module: nn.Module) -> bool:
+    """Whether ``module`` may take its CPU inference fast path now (folded batch norms, fused oneDNN convolutions,
+    cached derived weights, in-place updates of its sub-modules' outputs).
+
+    Only in eval mode with gradients off, never while ``torch.jit.trace`` records or ``torch.compile`` /
+    ``torch.export`` trace (they get the plain module computations), and not when forward hooks are registered on
+    the module or inside it, or globally: then every sub-module is called normally, its hooks fire, and the tensors
+    they see are not changed afterwards."""
+    return not (module.training or torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or torch._C._is_tracing() or has_forward_hooks(module))
+
+
+def safe_to_modify(tensor: torch.Tensor, producer: nn.Module) -> torch.Tensor:
+    """``tensor``, an output of ``producer``, to be updated in place; a copy of it when a forward hook on
+    ``producer`` (or inside it, or a global one) may hold a reference to it."""
+    return tensor.clone() if has_forward_hooks(producer) else tensor
+
+
+def clear_inference_caches(model: nn.Module) -> None:
+    """Drop every cached inference tensor (folded batch norms, oneDNN-packed weights) and remembered hook check
+    inside ``model``; they are rebuilt at the next call.
+
+    Needed after changing weights in a way torch does not track, e.g. ``param.data.mul_(0.5)`` or
+    ``bn.running_var.data.fill_(1)`` (EMA updates through ``.data``), or after replacing a sub-module that carries
+    forward hooks. In-place edits under ``torch.no_grad()``, optimizer steps, ``load_state_dict``, ``.to()`` and
+    train()/eval() transitions are noticed without it."""
+    for module in model.modules():
+        for value in module.__dict__.values():
+            if isinstance(value, (DerivedTensors, _HookCheck)):
+                value.clear()
 
 
 # activation name -> oneDNN post-op name of torch.ops.mkldnn._convolution_pointwise (same math as the modules)
@@ -147,9 +250,11 @@ def fused_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return y if act is None else activation(y)
 
 
-def conv2d(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``conv(x)``, through ``fused_conv2d``'s oneDNN path at CPU inference (PyTorch's own dispatch runs small-batch
-    1x1 convolutions without oneDNN, about half as fast)."""
+def conv2d(x: torch.Tensor, conv: nn.Conv2d, fast: bool) -> torch.Tensor:
+    """``conv(x)``; with ``fast`` (the caller's ``inference_fast_path``) through ``fused_conv2d``'s oneDNN path
+    (PyTorch's own dispatch runs small-batch 1x1 convolutions without oneDNN, about half as fast)."""
+    if not fast:
+        return conv(x)
     return fused_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
@@ -157,7 +262,8 @@ def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Batc
                     out_dim: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias of ``bn(conv(x))`` as one convolution (``out_dim``: the output-channel dimension of
     ``weight``, 1 for transposed convolutions), folded in float64 where the device has it and rounded once,
-    like Paddle Inference's conv_bn fuse pass."""
+    like Paddle Inference's conv_bn fuse pass. Both results have the convolution's dtype (the batch norm may be
+    kept in float32 under a float16 model: see ``load_pretrained``)."""
     wide = torch.float64 if weight.device.type in ("cpu", "cuda") else torch.float32
     scale = bn.weight.to(wide) * torch.rsqrt(bn.running_var.to(wide) + bn.eps)
     shape = [1] * weight.dim()
@@ -166,10 +272,10 @@ def fold_batch_norm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Batc
     shift = bn.running_mean.to(wide)
     if bias is not None:
         shift = shift - bias.to(wide)
-    return folded, (bn.bias.to(wide) - shift * scale).to(bn.bias.dtype)
+    return folded, (bn.bias.to(wide) - shift * scale).to(weight.dtype)
 
 
-class ConvBNLayer(nn.Module):
+class ConvBNLayer(CachedInferenceModule):
     """Conv2d (no bias by default) -> BatchNorm2d -> activation, with Paddle-compatible names.
 
     ``conv_name`` / ``bn_name`` set the attribute names of the convolution and the batch norm
@@ -209,15 +315,34 @@ class ConvBNLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self._modules[self._conv_name]
-        if not self.training and not torch.is_grad_enabled():
-            return self.forward_padded(x, conv.padding)
-        return self.act(self._modules[self._bn_name](conv(x)))
+        if inference_fast_path(self):
+            return self._forward_folded(x, conv.padding)
+        bn = self._modules[self._bn_name]
+        return self.act(safe_to_modify(bn(conv(x)), bn))
 
     def forward_padded(self, x: torch.Tensor, padding) -> torch.Tensor:
         """Inference (eval mode, gradients off), with ``padding`` instead of the convolution's own: e.g. ``(0, p)``
-        on a band of rows that carries its own halo rows. The batch norm is folded into the convolution."""
+        on a band of rows that carries its own halo rows. The batch norm is folded into the convolution; the
+        caller checks ``inference_fast_path`` (this layer's sub-modules are not called)."""
         if self.training or torch.is_grad_enabled():
             raise RuntimeError("forward_padded is an inference path: call it in eval mode without gradients")
+        return self._forward_folded(x, padding)
+
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``relu(residual + self(x))`` for a layer without activation (a ResNet block's last convolution) at
+        inference, as one convolution with the sum and the ReLU as oneDNN post-ops. Like ``forward_padded`` an
+        inference path: the caller checks ``inference_fast_path`` and computes ``relu(residual + layer(x))``
+        otherwise."""
+        if self._act_name is not None:
+            raise ValueError(f"forward_residual needs a layer without activation, this one has {self._act_name!r}")
+        if self.training or torch.is_grad_enabled():
+            raise RuntimeError("forward_residual is an inference path: call it in eval mode without gradients")
+        conv = self._modules[self._conv_name]
+        weight, bias = self._folded_conv(conv, self._modules[self._bn_name])
+        return fused_conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, "relu", F.relu_,
+                            self._packed, residual)
+
+    def _forward_folded(self, x: torch.Tensor, padding) -> torch.Tensor:
         conv = self._modules[self._conv_name]
         weight, bias = self._folded_conv(conv, self._modules[self._bn_name])
         if self._act_name in _ONEDNN_POST_OPS:
@@ -225,22 +350,10 @@ class ConvBNLayer(nn.Module):
                                 self.act, self._packed)
         return self.act(F.conv2d(x, weight, bias, conv.stride, padding, conv.dilation, conv.groups))
 
-    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``relu(residual + self(x))`` for a layer without activation (a ResNet block's last convolution); at CPU
-        inference the sum and the ReLU run as post-ops of the convolution."""
-        if self._act_name is not None:
-            raise ValueError(f"forward_residual needs a layer without activation, this one has {self._act_name!r}")
-        if self.training or torch.is_grad_enabled():
-            return F.relu_(residual + ConvBNLayer.forward(self, x))
-        conv = self._modules[self._conv_name]
-        weight, bias = self._folded_conv(conv, self._modules[self._bn_name])
-        return fused_conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, "relu", F.relu_,
-                            self._packed, residual)
-
     def _folded_conv(self, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inference fast path (eval mode, gradients off): the batch norm folded into the convolution. The folded
-        weights are cached (channels-last, which oneDNN runs fastest, depthwise convolutions above all) and
-        recomputed whenever a parameter or statistic is replaced or modified. The state dict keeps the unfused,
+        """Inference fast path: the batch norm folded into the convolution. The folded weights are cached
+        (channels-last, which oneDNN runs fastest, depthwise convolutions above all) and recomputed whenever a
+        parameter or statistic is replaced or modified (see ``DerivedTensors``). The state dict keeps the unfused,
         Paddle-named tensors."""
 
         def fold():
@@ -264,7 +377,8 @@ class SEModule(nn.Module):
 
     ``slope``/``offset`` select the hard sigmoid: 0.2/0.5 in det_mobilenet_v3 and RSEFPN,
     Paddle's default 1/6 in MobileNetV1Enhance and PPLCNetV3. ``inplace=True`` scales the input tensor itself
-    at inference (no gradients): only for callers that pass a fresh tensor they do not use again.
+    on the inference fast path: only for callers that pass a fresh tensor they do not use again (and, when it is a
+    sub-module's output, pass it through ``safe_to_modify``).
     """
 
     def __init__(self, channels: int, reduction: int = 4, slope: float = 0.2, offset: float = 0.5,
@@ -277,7 +391,7 @@ class SEModule(nn.Module):
         self.inplace = inplace
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled():
+        if not inference_fast_path(self):
             scale = self.hardsigmoid(self.conv2(F.relu(self.conv1(self.avg_pool(x)))))
             return x * scale
         # inference: the 1x1 convolutions of the pooled (N, C) vector as matrix products (a convolution

@@ -2,7 +2,7 @@
 
 * CTC greedy decoding as PaddleOCR's ``CTCLabelDecode`` does it: argmax per time step, collapse repeats,
   drop the blank (class 0); class ``i`` is ``characters[i - 1]``, where ``characters`` is the dictionary's lines
-  plus a space at the end (``use_space_char``).
+  plus a space at the end (``use_space_char``). Another blank index keeps the other classes in order.
 * DB probability-map thresholding into connected text regions (the first step of ``DBPostProcess``).
 """
 from __future__ import annotations
@@ -33,18 +33,37 @@ class CTCResult:
     indices: tuple[int, ...]
 
 
-def ctc_greedy_decode(probs, characters: Sequence[str], blank: int = 0) -> list[CTCResult]:
-    """Greedy CTC decoding of ``probs`` (N, T, C) (softmax or logits; numpy array or torch tensor).
+def _as_array(values) -> np.ndarray:
+    """A numpy array of a numpy array, nested sequence or torch tensor (bfloat16, which numpy lacks, as float32)."""
+    if not hasattr(values, "detach"):
+        return np.asarray(values)
+    tensor = values.detach().cpu()
+    try:
+        return tensor.numpy()
+    except TypeError:
+        return tensor.float().numpy()
 
-    ``characters`` maps class ``i`` (``i != blank``) to ``characters[i - 1]``; a class outside it raises
-    ValueError (a dictionary that does not fit the model).
+
+def ctc_greedy_decode(probs, characters: Sequence[str], blank: int = 0) -> list[CTCResult]:
+    """Greedy CTC decoding of ``probs`` (N, T, C) (softmax or logits; numpy array or torch tensor of any float
+    dtype).
+
+    ``characters`` lists the C - 1 non-blank classes in order: with ``blank=0`` (PaddleOCR) class ``i`` is
+    ``characters[i - 1]``; with another ``blank`` the classes below it are ``characters[i]``, those above
+    ``characters[i - 1]``. A list of another length raises ValueError (a dictionary that does not fit the model).
     """
-    array = probs.detach().cpu().numpy() if hasattr(probs, "detach") else np.asarray(probs)
+    array = _as_array(probs)
     if array.ndim != 3:
         raise ValueError(f"expected CTC probabilities of shape (N, T, C), got {array.shape}")
-    if array.shape[2] > len(characters) + 1:
-        raise ValueError(f"the model has {array.shape[2]} classes but the character list has {len(characters)} "
-                         f"characters (+1 blank): the dictionary does not fit the model")
+    classes = array.shape[2]
+    if characters is None:
+        raise ValueError("characters is None: pass the model's character list (load_pretrained reads it from dict.txt; "
+                         "this model directory has none)")
+    if not 0 <= blank < classes:
+        raise ValueError(f"blank index {blank} is outside the model's {classes} classes")
+    if classes != len(characters) + 1:
+        raise ValueError(f"the model has {classes} classes but the character list has {len(characters)} characters "
+                         f"(+1 blank): the dictionary does not fit the model")
     indices = array.argmax(axis=2)
     best = array.max(axis=2)
     results = []
@@ -53,7 +72,7 @@ def ctc_greedy_decode(probs, characters: Sequence[str], blank: int = 0) -> list[
         keep[1:] = seq[1:] != seq[:-1]
         keep &= seq != blank
         kept = seq[keep]
-        text = "".join(characters[int(i) - 1] for i in kept)
+        text = "".join(characters[int(i) - 1 if i > blank else int(i)] for i in kept)
         score = float(conf[keep].mean()) if kept.size else 0.0
         results.append(CTCResult(text=text, score=score, indices=tuple(int(i) for i in kept)))
     return results
@@ -123,8 +142,13 @@ def connected_regions(mask: np.ndarray, min_area: int = 1) -> list[Region]:
 
 
 def db_regions(prob_map, thresh: float = 0.3, min_area: int = 10) -> list[list[Region]]:
-    """Text regions of DB probability maps (N, 1, H, W) or (H, W): ``prob > thresh``, connected components."""
-    array = prob_map.detach().cpu().numpy() if hasattr(prob_map, "detach") else np.asarray(prob_map)
+    """Text regions of DB probability maps (N, 1, H, W) or (H, W): ``prob > thresh``, connected components.
+
+    ``prob_map`` may also be a det model's output tuple: PP-OCRv4 server det returns ``(cbn_maps, maps)``, and the
+    first map is the one PaddleOCR post-processes (its ``outputs[0]``). Torch tensors of any float dtype work."""
+    if isinstance(prob_map, tuple) and prob_map:
+        prob_map = prob_map[0]
+    array = _as_array(prob_map)
     if array.ndim == 2:
         array = array[None, None]
     if array.ndim != 4 or array.shape[1] != 1:

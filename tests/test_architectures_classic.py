@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import architectures
+from architectures.errors import UnknownFamilyError
 from architectures.layers import HardSigmoid, SEModule, make_divisible
-from converter.errors import FamilyError
 
 CLASSIC = ["ppocr_mobile_v2.0_det", "ppocr_server_v2.0_det", "PP-OCRv2_det", "PP-OCRv3_det",
            "ppocr_mobile_v2.0_rec", "ppocr_server_v2.0_rec", "PP-OCRv2_rec", "PP-OCRv3_rec", "ppocr_mobile_v2.0_cls"]
@@ -35,8 +35,8 @@ def test_family_config_is_a_deep_copy_and_merges_overrides():
     assert architectures.FAMILIES["PP-OCRv2_rec"]["backbone"]["scale"] == 0.5
 
 
-def test_unknown_family_is_a_family_error():
-    with pytest.raises(FamilyError, match="PP-OCRv9_det"):
+def test_unknown_family_is_an_unknown_family_error():
+    with pytest.raises(UnknownFamilyError, match="PP-OCRv9_det.*known families: PP-OCRv2_det"):
         architectures.family_config("PP-OCRv9_det")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 
 import pytest
 import torch
@@ -134,10 +135,11 @@ def test_fpn_sums_and_concatenation_without_upsampled_temporaries(memory_format)
     lateral, top = levels[0].clone(), levels[1]
     expected_sum = lateral + F.interpolate(top, scale_factor=2, mode="nearest")
     with torch.no_grad():
-        summed = add_upsampled(lateral, top)
+        summed = add_upsampled(lateral, top, in_place=True)
         pyramid = concat_pyramid(*levels)
     assert summed.data_ptr() == lateral.data_ptr()
     torch.testing.assert_close(summed, expected_sum, rtol=0, atol=0)
+    assert add_upsampled(levels[0], top, in_place=False).data_ptr() != levels[0].data_ptr()
     expected = torch.cat([F.interpolate(levels[3], scale_factor=8), F.interpolate(levels[2], scale_factor=4),
                           F.interpolate(levels[1], scale_factor=2), levels[0]], dim=1)
     torch.testing.assert_close(pyramid, expected, rtol=0, atol=0)
@@ -221,3 +223,123 @@ def test_contiguous_nchw_equals_contiguous(shape):
         out = contiguous_nchw(source)
         assert out.is_contiguous()
         assert torch.equal(out, source.contiguous())
+
+
+# ------------------------------------------------------------- whole models: caches, tracing, compiling, hooks
+
+
+@pytest.fixture(scope="module")
+def small_models() -> dict[str, nn.Module]:
+    """cls, rec (PP-OCRv4, 6 classes) and det (PP-OCRv4 mobile) with random weights and batch norms, and an input
+    for each."""
+    import architectures
+
+    torch.manual_seed(12)
+    configs = {"cls": architectures.family_config("ppocr_mobile_v2.0_cls"),
+               "rec": architectures.family_config("PP-OCRv4_mobile_rec", head={"out_channels": 6}),
+               "det": architectures.family_config("PP-OCRv4_mobile_det")}
+    return {task: randomize_batch_norms(architectures.build(config), seed=i)
+            for i, (task, config) in enumerate(configs.items())}
+
+
+INPUTS = {"cls": (1, 3, 48, 96), "rec": (2, 3, 48, 64), "det": (1, 3, 64, 96)}
+
+
+def test_inference_caches_follow_data_edits_on_request_and_mode_transitions(small_models):
+    """``.data`` edits bypass torch's version counters: the model's clear_inference_cache() and train()/eval()
+    transitions drop the folded (and packed) weights of its layers, as do .to() round trips."""
+    model = copy.deepcopy(small_models["rec"])
+    conv_bn = model.backbone.conv1  # a ConvBNLayer
+    rep = model.backbone.blocks2[0].dw_conv  # a LearnableRepLayer (deploy form)
+    probes = [(conv_bn, torch.rand(2, 3, 12, 16)), (rep, torch.rand(2, rep.in_channels, 6, 8))]
+
+    def fast():
+        with torch.inference_mode():
+            return [layer(x) for layer, x in probes]
+
+    def check():
+        for got, (layer, x) in zip(fast(), probes):
+            torch.testing.assert_close(got, reference(layer, x), rtol=0, atol=1e-5)
+
+    edits = [lambda: conv_bn.conv.weight.data.mul_(0.5), lambda: conv_bn.bn.running_var.data.fill_(4.0),
+             lambda: rep.reparam_conv.weight.data.mul_(0.5), lambda: rep.lab.scale.data.fill_(2.0)]
+    for edit in edits:
+        before = fast()
+        edit()
+        model.clear_inference_cache()
+        assert any(not torch.allclose(a, b, atol=1e-3) for a, b in zip(fast(), before))
+        check()
+    for edit, refresh in ((lambda: conv_bn.bn.running_mean.data.add_(1.0), lambda: model.train().eval()),
+                          (lambda: rep.lab.bias.data.add_(1.0), lambda: model.eval().train().eval()),
+                          (lambda: None, lambda: model.half().float())):  # new storages may reuse old addresses
+        fast()
+        edit()
+        refresh()
+        check()
+
+
+@pytest.mark.parametrize("task", ["cls", "rec", "det"])
+def test_trace_under_no_grad_equals_eager(small_models, task):
+    model = small_models[task]
+    x = torch.rand(*INPUTS[task])
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)
+    other = torch.rand(*INPUTS[task])
+    with torch.inference_mode():
+        torch.testing.assert_close(traced(other), model(other), rtol=0, atol=1e-5)
+
+
+def test_compile_under_inference_mode_equals_eager(small_models):
+    model = small_models["cls"]
+    x = torch.rand(*INPUTS["cls"])
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_forward_hooks_fire_and_see_tensors_that_are_not_modified_later(small_models):
+    """Hooks on modules the fast path would skip (a folded convolution) or whose output it would update in place
+    (the FPN laterals) switch those modules to their plain computation; without hooks the fast path is back."""
+    model = small_models["det"]
+    x = torch.rand(*INPUTS["det"])
+    with torch.inference_mode():
+        expected = model(x)
+    calls, captured = [], {}
+    handles = [model.backbone.conv1.conv.register_forward_hook(lambda module, args, out: calls.append("conv1")),
+               model.neck.ins_conv[0].register_forward_hook(
+                   lambda module, args, out: captured.update(ins0=(out, out.clone())))]
+    try:
+        for context in (torch.inference_mode, torch.no_grad, torch.enable_grad):
+            calls.clear()
+            with context():
+                torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+            assert calls == ["conv1"]
+            seen, copy_at_the_time = captured.pop("ins0")
+            assert torch.equal(seen, copy_at_the_time)
+    finally:
+        for handle in handles:
+            handle.remove()
+    global_calls = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: global_calls.append(module) if module is model.head.binarize.conv1 else None)
+    try:
+        with torch.inference_mode():
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=1e-5)
+        assert global_calls == [model.head.binarize.conv1]
+    finally:
+        handle.remove()
+    model.clear_inference_cache()
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    assert model.backbone.conv1._folded._entry is not None  # the fast path ran again
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 100, 128), (1, 3, 96, 137), (2, 3, 48, 40)])
+def test_det_inputs_must_have_sides_that_are_multiples_of_32(small_models, shape):
+    x = torch.rand(*shape)
+    for context in (torch.inference_mode, torch.enable_grad):
+        with context(), pytest.raises(ValueError, match=r"input height and width must be multiples of 32 .*got "
+                                                        rf"input shape {re.escape(str(shape))}"):
+            small_models["det"](x)

@@ -18,22 +18,9 @@ from architectures.heads.pfhead import PFHeadLocal
 from architectures.layers import PADDLE_HARDSIGMOID_SLOPE, HardSigmoid
 from architectures.necks.lkpan import LKPAN, IntraCLBlock
 from architectures.postprocess import connected_regions, ctc_greedy_decode, db_regions, load_character_list
+from model_helpers import randomize_batch_norms
 
 V4 = ["PP-OCRv4_mobile_det", "PP-OCRv4_server_det", "PP-OCRv4_mobile_rec", "PP-OCRv4_server_rec"]
-
-
-def randomize_batch_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial BN statistics and affine parameters (a fresh BN is the identity), like a trained model."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                n = module.num_features
-                module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                module.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-                module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -347,6 +334,33 @@ def test_ctc_greedy_decode_collapses_repeats_and_drops_blanks():
     assert empty.text == "" and empty.score == 0.0
     with pytest.raises(ValueError, match="does not fit"):
         ctc_greedy_decode(np.zeros((1, 2, 9)), characters)
+
+
+def test_ctc_greedy_decode_blank_index_dictionary_length_and_dtypes():
+    characters = ["a", "b", "c", " "]
+    probs = np.full((1, 4, 5), 0.01, np.float32)
+    probs[0, np.arange(4), [0, 1, 4, 2]] = 0.96
+    # blank last: the other classes keep their order, class 0 is the first character (not characters[-1])
+    (result,) = ctc_greedy_decode(probs, characters, blank=4)
+    assert result.text == "abc" and result.indices == (0, 1, 2)
+    with pytest.raises(ValueError, match="blank index 5 is outside the model's 5 classes"):
+        ctc_greedy_decode(probs, characters, blank=5)
+    with pytest.raises(ValueError, match="the model has 5 classes but the character list has 5 characters"):
+        ctc_greedy_decode(probs, characters + ["x"])  # longer than the classes
+    with pytest.raises(ValueError, match="characters is None"):
+        ctc_greedy_decode(probs, None)
+    expected = ctc_greedy_decode(probs, characters)[0]
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):
+        (got,) = ctc_greedy_decode(torch.from_numpy(probs).to(dtype).requires_grad_(), characters)
+        assert got.text == expected.text == "a b" and got.score == pytest.approx(expected.score, abs=1e-2)
+
+
+def test_db_regions_take_bfloat16_and_the_server_dets_output_tuple():
+    prob = torch.zeros(1, 1, 8, 12)
+    prob[0, 0, 2:5, 3:9] = 0.9
+    expected = [[((3, 2, 8, 4), 18)]]
+    for value in (prob.bfloat16(), (prob, torch.zeros_like(prob))):  # (cbn_maps, maps): PaddleOCR uses the first
+        assert [[(r.box, r.area) for r in regions] for regions in db_regions(value)] == expected
 
 
 def test_load_character_list_appends_the_space(tmp_path):

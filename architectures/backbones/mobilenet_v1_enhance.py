@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from architectures.backbones import register
-from architectures.layers import PADDLE_HARDSIGMOID_SLOPE, ConvBNLayer, SEModule
+from architectures.layers import PADDLE_HARDSIGMOID_SLOPE, ConvBNLayer, SEModule, safe_to_modify
 
 
 def _conv_bn(in_channels, out_channels, kernel_size, stride, padding, groups=1):
@@ -27,7 +27,7 @@ class DepthwiseSeparable(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._depthwise_conv(x)
         if self._se is not None:
-            y = self._se(y)
+            y = self._se(safe_to_modify(y, self._depthwise_conv))  # scaled in place at inference
         return self._pointwise_conv(y)
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from architectures.backbones import register
-from architectures.layers import ConvBNLayer, SEModule, make_divisible
+from architectures.layers import ConvBNLayer, SEModule, inference_fast_path, make_divisible, safe_to_modify
 
 # (kernel, expansion, out channels, use SE, activation, stride)
 _LARGE = [
@@ -68,11 +68,11 @@ class ResidualUnit(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         x = self.bottleneck_conv(self.expand_conv(inputs))
         if self.mid_se is not None:
-            x = self.mid_se(x)
+            x = self.mid_se(safe_to_modify(x, self.bottleneck_conv))  # scaled in place at inference
         x = self.linear_conv(x)
         if self.if_shortcut:
             # in place on the fresh convolution output at inference (same sum, one allocation less)
-            x = x.add_(inputs) if not torch.is_grad_enabled() else inputs + x
+            x = x.add_(inputs) if inference_fast_path(self) else inputs + x
         return x
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from architectures.backbones import register
-from architectures.layers import ConvBNLayer
+from architectures.layers import ConvBNLayer, inference_fast_path, safe_to_modify
 
 # Stage tables: (in_channels, mid_channels, out_channels, block_num, downsample, downsample stride).
 PPHGNET_SMALL_DET = (
@@ -34,15 +34,15 @@ def _stride(value):
 
 
 class ESEModule(nn.Module):
-    """Effective squeeze-excitation: global average pool -> 1x1 conv (bias) -> sigmoid -> scale (at inference in
-    place: the input must be a fresh tensor the caller does not use again)."""
+    """Effective squeeze-excitation: global average pool -> 1x1 conv (bias) -> sigmoid -> scale (on the inference
+    fast path in place: the input must be a fresh tensor the caller does not use again, see ``safe_to_modify``)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled():
+        if not inference_fast_path(self):
             return x * torch.sigmoid(self.conv(F.adaptive_avg_pool2d(x, 1)))
         # inference: the 1x1 convolution of the pooled (N, C) vector as a matrix product (PyTorch runs it as a
         # slow unbatched convolution otherwise), and the scaling in place: callers pass a fresh tensor
@@ -72,10 +72,10 @@ class HGBlock(nn.Module):
         for layer in self.layers:
             y = layer(y)
             outputs.append(y)
-        y = self.att(self.aggregation_conv(torch.cat(outputs, dim=1)))
+        y = self.att(safe_to_modify(self.aggregation_conv(torch.cat(outputs, dim=1)), self.aggregation_conv))
         if not self.identity:
             return y
-        return y.add_(x) if not torch.is_grad_enabled() else y + x  # y is fresh: add in place at inference
+        return y.add_(x) if inference_fast_path(self) else y + x  # y is fresh: add in place at inference
 
 
 class HGStage(nn.Module):

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from architectures.backbones import register
-from architectures.layers import BN_EPS, PADDLE_HARDSIGMOID_SLOPE, ConvBNLayer, SEModule, make_divisible
+from architectures.layers import (BN_EPS, PADDLE_HARDSIGMOID_SLOPE, CachedInferenceModule, ConvBNLayer, DerivedTensors,
+                                  SEModule, inference_fast_path, make_divisible, safe_to_modify)
 
 # Block tables: (kernel, in_channels, out_channels, stride, use_se), channels before scaling.
 NET_CONFIG_DET = {
@@ -40,14 +41,6 @@ NET_CONFIG_REC = {
 # Channels of the det backbone's 1x1 output projections (``layer_list``), before scaling.
 DET_OUT_CHANNELS = (16, 24, 56, 480)
 FORMS = ("deploy", "train")
-
-
-def _version(tensor: torch.Tensor) -> int:
-    """In-place modification counter of a tensor (-1 for inference tensors, which have none)."""
-    try:
-        return tensor._version
-    except RuntimeError:
-        return -1
 
 
 def _pair(stride) -> tuple[int, int]:
@@ -120,7 +113,7 @@ def _bn_params(bn: nn.BatchNorm2d) -> BNParams:
     return bn.weight.detach(), bn.bias.detach(), bn.running_mean, bn.running_var
 
 
-class LearnableRepLayer(nn.Module):
+class LearnableRepLayer(CachedInferenceModule):
     """PPLCNetV3's re-parameterizable conv: train form (branches) or deploy form (``reparam_conv``)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride=1, groups: int = 1,
@@ -148,18 +141,20 @@ class LearnableRepLayer(nn.Module):
                                           for _ in range(num_conv_branches))
             if kernel_size > 1:
                 self.conv_1x1 = ConvBNLayer(in_channels, out_channels, 1, stride, groups=groups)
-        self._folded: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._folded_key: tuple | None = None
+        self._folded = DerivedTensors()
         self.lab = LearnableAffineBlock()
         if self.apply_act:  # Paddle also builds it for stride 2 but never runs it (absent from inference programs)
             self.act = Act()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_repped:
-            # lab(conv(x)) with lab's scalar affine folded into the kernel and bias: one pass over the output.
-            conv = self.reparam_conv
-            weight, bias = self._lab_folded_conv()
-            out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            if inference_fast_path(self):
+                # lab(conv(x)) with lab's scalar affine folded into the kernel and bias: one pass over the output.
+                conv = self.reparam_conv
+                weight, bias = self._lab_folded_conv()
+                out = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            else:
+                out = self.lab(self.reparam_conv(x))
         else:
             # Same summation order as PaddleOCR (identity, 1x1, kxk branches) for the same float32 round-off.
             branches = [self.identity] if self.has_identity else []
@@ -175,20 +170,16 @@ class LearnableRepLayer(nn.Module):
         return out
 
     def _lab_folded_conv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``reparam_conv``'s kernel and bias times ``lab.scale`` (+ ``lab.bias``). At inference (eval mode, no
-        gradients) they are cached in channels-last layout (oneDNN's fastest, depthwise convolutions above all)
-        and recomputed whenever one of the four tensors is replaced or modified in place."""
+        """``reparam_conv``'s kernel and bias times ``lab.scale`` (+ ``lab.bias``), cached in channels-last layout
+        (oneDNN's fastest, depthwise convolutions above all) and recomputed whenever one of the four tensors is
+        replaced or modified (see ``DerivedTensors``)."""
         conv, lab = self.reparam_conv, self.lab
-        if self.training or torch.is_grad_enabled():
-            return conv.weight * lab.scale, torch.addcmul(lab.bias, conv.bias, lab.scale)
-        tensors = (conv.weight, conv.bias, lab.scale, lab.bias)
-        key = tuple((t.data_ptr(), _version(t), t.dtype, t.device) for t in tensors)
-        if self._folded_key != key:
-            with torch.inference_mode(False), torch.no_grad():
-                weight = (conv.weight * lab.scale).contiguous(memory_format=torch.channels_last)
-                self._folded = (weight, torch.addcmul(lab.bias, conv.bias, lab.scale))
-            self._folded_key = key
-        return self._folded
+
+        def fold():
+            weight = (conv.weight * lab.scale).contiguous(memory_format=torch.channels_last)
+            return weight, torch.addcmul(lab.bias, conv.bias, lab.scale)
+
+        return self._folded.get((conv.weight, conv.bias, lab.scale, lab.bias), fold)
 
     def fused_kernel_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The deploy-form kernel and bias (computed in float64) equivalent to the training branches."""
@@ -217,6 +208,7 @@ class LearnableRepLayer(nn.Module):
             del self.identity
         self.reparam_conv = conv
         self.is_repped = True
+        self._drop_derived_tensors()
 
 
 class LCNetV3Block(nn.Module):
@@ -235,7 +227,7 @@ class LCNetV3Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dw_conv(x)
         if self.use_se:
-            x = self.se(x)
+            x = self.se(safe_to_modify(x, self.dw_conv))  # scaled in place at inference
         return self.pw_conv(x)
 
 

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from architectures.backbones import register
-from architectures.layers import ConvBNLayer
+from architectures.layers import ConvBNLayer, inference_fast_path
 
 _DEPTHS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3],
            200: [3, 12, 48, 3]}
@@ -55,7 +56,9 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         short = x if self.short is None else self.short(x)
-        return self.conv1.forward_residual(self.conv0(x), short)
+        if inference_fast_path(self):
+            return self.conv1.forward_residual(self.conv0(x), short)
+        return F.relu_(short + self.conv1(self.conv0(x)))
 
 
 class BottleneckBlock(nn.Module):
@@ -71,7 +74,9 @@ class BottleneckBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         short = x if self.short is None else self.short(x)
-        return self.conv2.forward_residual(self.conv1(self.conv0(x)), short)
+        if inference_fast_path(self):
+            return self.conv2.forward_residual(self.conv1(self.conv0(x)), short)
+        return F.relu_(short + self.conv2(self.conv1(self.conv0(x))))
 
 
 @register("DetResNet_vd")

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from architectures.heads import register
-from architectures.layers import BN_EPS, DerivedTensors, fold_batch_norm, fused_conv2d
+from architectures.layers import (BN_EPS, CachedInferenceModule, DerivedTensors, fold_batch_norm, fused_conv2d,
+                                  inference_fast_path, safe_to_modify)
 
 
 def _is_patchwise(conv: nn.ConvTranspose2d) -> bool:
@@ -28,7 +29,7 @@ def patchwise_conv_transpose2d(x: torch.Tensor, conv: nn.ConvTranspose2d) -> tor
     return patches.reshape(n, conv.out_channels, h * kh, w * kw)
 
 
-class Head(nn.Module):
+class Head(CachedInferenceModule):
     """conv kxk -> BN+ReLU -> ConvTranspose x2 -> BN+ReLU -> ConvTranspose x2 to one channel -> sigmoid.
 
     ``forward(x, return_f=True)`` also returns the feature after the second BN+ReLU (used by PFHeadLocal).
@@ -45,9 +46,9 @@ class Head(nn.Module):
         self._folded = DerivedTensors()
 
     def forward(self, x: torch.Tensor, return_f: bool = False):
-        if self.training or torch.is_grad_enabled():
-            x = F.relu_(self.conv_bn1(self.conv1(x)))
-            f = F.relu_(self.conv_bn2(self.conv2(x)))
+        if not inference_fast_path(self):
+            x = F.relu_(safe_to_modify(self.conv_bn1(self.conv1(x)), self.conv_bn1))
+            f = F.relu_(safe_to_modify(self.conv_bn2(self.conv2(x)), self.conv_bn2))
         else:  # inference: both batch norms folded into their convolutions, ReLU fused into the first
             weight1, bias1, weight2, bias2 = self._folded_convs()
             conv1, conv2 = self.conv1, self.conv2

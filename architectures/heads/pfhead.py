@@ -12,7 +12,7 @@ from torch import nn
 
 from architectures.heads import register
 from architectures.heads.db_head import DBHead
-from architectures.layers import ConvBNLayer, conv2d
+from architectures.layers import ConvBNLayer, conv2d, inference_fast_path
 
 MODES = {"large": 4, "small": 8}  # mode -> divisor of in_channels for LocalModule's middle channels
 
@@ -31,7 +31,7 @@ class LocalModule(nn.Module):
 
     def forward(self, feature: torch.Tensor, init_map: torch.Tensor, feature_scale: int = 1) -> torch.Tensor:
         """``last_1(last_3(cat([init_map, upsample(feature, feature_scale)])))`` (nearest upsampling)."""
-        if self.training or torch.is_grad_enabled():
+        if not inference_fast_path(self):
             if feature_scale != 1:
                 feature = F.interpolate(feature, scale_factor=float(feature_scale), mode="nearest")
             return self.last_1(self.last_3(torch.cat([init_map, feature], dim=1)))
@@ -59,7 +59,7 @@ class LocalModule(nn.Module):
             body = nhwc[:, start:start + last - first]
             body[..., :c].copy_(init_map[:, :, first:last].permute(0, 2, 3, 1))
             _write_nearest_rows(body[..., c:], feature, first, last, scale)
-            out[:, :, top:bottom] = conv2d(self.last_3.forward_padded(rows, (0, pad_w)), self.last_1)
+            out[:, :, top:bottom] = conv2d(self.last_3.forward_padded(rows, (0, pad_w)), self.last_1, True)
         return out
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from architectures.layers import SEModule, conv2d, nearest_spread, upsampled_blocks
+from architectures.layers import SEModule, conv2d, inference_fast_path, nearest_spread, upsampled_blocks
 from architectures.necks import register
 
 
@@ -14,21 +14,21 @@ def upsample(x: torch.Tensor, scale: int) -> torch.Tensor:
     return F.interpolate(x, scale_factor=scale, mode="nearest")
 
 
-def add_upsampled(lateral: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """``lateral + upsample(top, 2)``. At inference (no gradients) it adds in place into ``lateral``, which must
-    be a fresh tensor the caller does not use again, without materialising the upsampled map (same sums)."""
-    if torch.is_grad_enabled():
+def add_upsampled(lateral: torch.Tensor, top: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """``lateral + upsample(top, 2)``. ``in_place`` (on the caller's inference fast path) adds into ``lateral``,
+    which must be a fresh tensor nothing else uses, without materialising the upsampled map (same sums)."""
+    if not in_place:
         return lateral + upsample(top, 2)
     upsampled_blocks(lateral, 2).add_(nearest_spread(top, 2))
     return lateral
 
 
-def fuse_top_down(ins: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Top-down FPN sums: [in2, in3, in4, in5] -> [out2, out3, out4, in5] (in place into in2..in4 at inference)."""
+def fuse_top_down(ins: list[torch.Tensor], in_place: bool) -> list[torch.Tensor]:
+    """Top-down FPN sums: [in2, in3, in4, in5] -> [out2, out3, out4, in5] (``in_place``: into in2..in4)."""
     in2, in3, in4, in5 = ins
-    out4 = add_upsampled(in4, in5)
-    out3 = add_upsampled(in3, out4)
-    out2 = add_upsampled(in2, out3)
+    out4 = add_upsampled(in4, in5, in_place)
+    out3 = add_upsampled(in3, out4, in_place)
+    out2 = add_upsampled(in2, out3, in_place)
     return [out2, out3, out4, in5]
 
 
@@ -58,10 +58,11 @@ class DBFPN(nn.Module):
 
     def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
         c2, c3, c4, c5 = x
-        out2, out3, out4, in5 = fuse_top_down([conv2d(c2, self.in2_conv), conv2d(c3, self.in3_conv),
-                                               conv2d(c4, self.in4_conv), conv2d(c5, self.in5_conv)])
-        return concat_pyramid(conv2d(out2, self.p2_conv), conv2d(out3, self.p3_conv), conv2d(out4, self.p4_conv),
-                              conv2d(in5, self.p5_conv))
+        fast = inference_fast_path(self)
+        out2, out3, out4, in5 = fuse_top_down([conv2d(c2, self.in2_conv, fast), conv2d(c3, self.in3_conv, fast),
+                                               conv2d(c4, self.in4_conv, fast), conv2d(c5, self.in5_conv, fast)], fast)
+        return concat_pyramid(conv2d(out2, self.p2_conv, fast), conv2d(out3, self.p3_conv, fast),
+                              conv2d(out4, self.p4_conv, fast), conv2d(in5, self.p5_conv, fast))
 
 
 class RSELayer(nn.Module):
@@ -75,7 +76,7 @@ class RSELayer(nn.Module):
         self.shortcut = shortcut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = conv2d(x, self.in_conv)
+        x = conv2d(x, self.in_conv, inference_fast_path(self))
         return x + self.se_block(x) if self.shortcut else self.se_block(x)
 
 
@@ -90,6 +91,7 @@ class RSEFPN(nn.Module):
         self.inp_conv = nn.ModuleList([RSELayer(out_channels, out_channels // 4, 3, shortcut) for _ in in_channels])
 
     def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
-        out2, out3, out4, in5 = fuse_top_down([conv(c) for conv, c in zip(self.ins_conv, x)])
+        out2, out3, out4, in5 = fuse_top_down([conv(c) for conv, c in zip(self.ins_conv, x)],
+                                              inference_fast_path(self))
         return concat_pyramid(self.inp_conv[0](out2), self.inp_conv[1](out3), self.inp_conv[2](out4),
                               self.inp_conv[3](in5))

@@ -10,14 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from architectures.layers import BN_EPS, DerivedTensors, contiguous_nchw, conv2d, fold_batch_norm, fused_conv2d
+from architectures.layers import (BN_EPS, CachedInferenceModule, DerivedTensors, contiguous_nchw, conv2d,
+                                  fold_batch_norm, fused_conv2d, inference_fast_path)
 from architectures.necks import register
 from architectures.necks.db_fpn import add_upsampled, concat_pyramid
 
 STAGE_KERNELS = (7, 5, 3)  # IntraCLBlock's cascaded stages: k x k + k x 1 + 1 x k convolutions each
 
 
-class IntraCLBlock(nn.Module):
+class IntraCLBlock(CachedInferenceModule):
     """Intra-instance collaborative learning block: 1x1 reduce, three cascaded square + vertical + horizontal
     conv stages (7, 5, 3), 1x1 restore, BN, ReLU, residual.
 
@@ -43,7 +44,7 @@ class IntraCLBlock(nn.Module):
                 for k in STAGE_KERNELS]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled():
+        if not inference_fast_path(self):
             y = self.conv1x1_reduce_channel(x)
             for square, vertical, horizontal in self._stages():
                 y = square(y) + vertical(y) + horizontal(y)
@@ -106,15 +107,16 @@ class LKPAN(nn.Module):
 
     def forward(self, features) -> torch.Tensor:
         c2, c3, c4, c5 = features
+        fast = inference_fast_path(self)
         # the 1x1 convolutions in the backbone's layout (channels-last from its folded conv-BN layers)
-        in5 = conv2d(c5, self.ins_conv[3])
-        in4 = conv2d(c4, self.ins_conv[2])
-        in3 = conv2d(c3, self.ins_conv[1])
-        in2 = conv2d(c2, self.ins_conv[0])
+        in5 = conv2d(c5, self.ins_conv[3], fast)
+        in4 = conv2d(c4, self.ins_conv[2], fast)
+        in3 = conv2d(c3, self.ins_conv[1], fast)
+        in2 = conv2d(c2, self.ins_conv[0], fast)
 
-        out4 = add_upsampled(in4, in5)
-        out3 = add_upsampled(in3, out4)
-        out2 = add_upsampled(in2, out3)
+        out4 = add_upsampled(in4, in5, fast)
+        out3 = add_upsampled(in3, out4, fast)
+        out2 = add_upsampled(in2, out3, fast)
 
         # NCHW from here: oneDNN runs the large 9x9 convolutions ~1.4x faster than in channels-last
         in5, out4, out3, out2 = (contiguous_nchw(f) for f in (in5, out4, out3, out2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from architectures.layers import ConvBNLayer, Im2Seq, make_activation
+from architectures.layers import ConvBNLayer, Im2Seq, make_activation, safe_to_modify
 from architectures.necks import register
 
 
@@ -42,7 +42,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.act(safe_to_modify(self.fc1(x), self.fc1)))
 
 
 class Attention(nn.Module):
@@ -96,7 +96,13 @@ class EncoderWithSVTR(nn.Module):
     """SVTR neck: conv reduce -> global attention blocks -> conv expand -> concat with input -> conv.
 
     LayerNorm eps 1e-5 in the blocks and 1e-6 in the final ``norm``; Swish activations.
-    ``kernel_size`` is [3, 3] in PP-OCRv3 and [1, 3] in PP-OCRv4. ``use_guide`` only stops gradients.
+    ``kernel_size`` is [3, 3] in PP-OCRv3 and [1, 3] in PP-OCRv4.
+
+    ``use_guide`` (True in PP-OCRv3 / PP-OCRv4 rec) only stops gradients: the neck works on a detached copy of the
+    backbone features, so a CTC loss alone never trains the backbone. PaddleOCR trains it through the SAR / NRTR
+    branch of the MultiHead, which is not built here. To fine-tune the backbone with CTC, set ``use_guide=False``
+    (``load_pretrained(..., config_overrides={"head": {"ctc_neck": {"use_guide": False}}})``, or the attribute
+    ``model.head.ctc_encoder.encoder.use_guide``); outputs do not change.
     """
 
     def __init__(self, in_channels, dims=64, depth=2, hidden_dims=120, use_guide=False, num_heads=8,
