@@ -10,13 +10,23 @@ from converter import __version__
 from converter.errors import OcrconvError
 
 
+def _meant_for_people(exc: Exception) -> bool:
+    """An :class:`OcrconvError`, or an error ``architectures`` raises on purpose (recognised without importing
+    ``architectures``, which would load torch: if it is not loaded, it raised nothing)."""
+    errors = sys.modules.get("architectures.errors")
+    return isinstance(exc, OcrconvError) or (errors is not None and isinstance(exc, errors.ArchitectureError))
+
+
 class _Group(click.Group):
-    """Click group that prints :class:`OcrconvError` as a plain message and exits with status 1."""
+    """Click group that prints the errors meant for people (:func:`_meant_for_people`) as a plain message and exits
+    with status 1."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except OcrconvError as exc:
+        except Exception as exc:
+            if not _meant_for_people(exc):
+                raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
 

@@ -5,6 +5,7 @@ import json
 
 import click
 
+from converter.cli_options import mirror_url
 from converter.download import fetch_artifact
 from converter.manifest import ARTIFACT_KINDS, TASKS, load_manifest
 
@@ -41,7 +42,8 @@ def list_models(task: str | None, as_json: bool) -> None:
 @click.argument("names", nargs=-1, required=True)
 @click.option("--artifact", type=click.Choice((*ARTIFACT_KINDS, "all")), default=None,
               help="Which archive (default: inference, or the one a file stem like *_train names).")
-@click.option("--mirror", envvar="OCRCONV_MIRROR", help="Base URL serving the same paths as paddleocr.bj.bcebos.com.")
+@click.option("--mirror", envvar="OCRCONV_MIRROR", callback=mirror_url,
+              help="Base URL serving the same paths as paddleocr.bj.bcebos.com.")
 @click.option("--cache", "cache", type=click.Path(file_okay=False), envvar="OCRCONV_CACHE",
               help="Cache directory (default ~/.cache/ocrconv).")
 @click.option("--offline", is_flag=True, help="Use only the cache; fail naming what is missing.")

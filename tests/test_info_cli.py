@@ -81,3 +81,23 @@ def test_info_model_name_uses_the_cache(tmp_path):
     assert "ch_ppocr_mobile_v2.0_cls_infer.tar" in result.output
     result = _run("no_such_model_xyz", "--offline", "--cache", str(tmp_path))
     assert result.exit_code == 1 and result.output.startswith("error:")
+
+
+def test_info_refuses_a_negative_limit():
+    result = _run(str(fd.infer_tar("ch_ppocr_mobile_v2.0_cls")), "--limit", "-3")
+    assert result.exit_code == 2 and "Invalid value for '--limit'" in result.output
+
+
+def test_info_missing_path_is_not_an_unknown_model(tmp_path):
+    for target in ("/nonexistent/path.pdparams", str(tmp_path / "missing_dir"), "my_model.pdparams"):
+        result = _run(target, "--offline", "--cache", str(tmp_path / "cache"))
+        assert result.exit_code == 1, result.output
+        assert f"error: {target}: no such file or directory" in result.output and "unknown model" not in result.output
+
+
+def test_info_and_download_refuse_a_mirror_that_is_not_an_http_url(tmp_path):
+    for command in ("info", "download"):
+        result = CliRunner().invoke(main, [command, "ch_ppocr_mobile_v2.0_cls", "--mirror", "not-a-url",
+                                           "--cache", str(tmp_path / "cache")])
+        assert result.exit_code == 2 and "Invalid value for '--mirror'" in result.output, result.output
+    assert not (tmp_path / "cache").exists()
