@@ -63,8 +63,7 @@ def describe(weights: PaddleWeights) -> dict:
                   "paddle_name": weights.param_names.get(k)} for k, v in weights.items()],
     }
     if weights.meta.get("values"):
-        data["values"] = {k: v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
-                          for k, v in weights.meta["values"].items()}
+        data["values"] = {k: _shown_value(v) for k, v in weights.meta["values"].items()}
     program = weights.program
     if program is not None:
         data["feeds"] = [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in program.feeds]
@@ -72,6 +71,22 @@ def describe(weights: PaddleWeights) -> dict:
         data["ops"] = program.op_types()
         data["info_only"] = weights.info_only
     return data
+
+
+_SHOWN_CHARACTERS = 200
+
+
+def _shown_value(value):
+    """A checkpoint's non-tensor value as ``info`` shows it: numbers, booleans and short texts as they are, anything
+    long or huge (a 10**5000 epoch, a megabyte of text) described instead of printed."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"<int of {value.bit_length()} bits>"
+    if isinstance(value, (int, float, bool, type(None))):
+        return value
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) > _SHOWN_CHARACTERS:
+        return f"{text[:_SHOWN_CHARACTERS]}... ({len(text)} characters)"
+    return text
 
 
 def _table(rows: list[tuple[str, ...]]) -> list[str]:

@@ -57,6 +57,21 @@ def test_info_states_values(tmp_path):
     assert "value:    epoch = 1" in result.output.splitlines()
 
 
+def test_info_describes_huge_values_instead_of_printing_them(tmp_path):
+    """A 5000-digit integer (beyond Python's int-to-text limit) and a long text in a checkpoint."""
+    import numpy as np
+
+    checkpoint = tmp_path / "best_accuracy.pdparams"
+    checkpoint.write_bytes(pickle.dumps({"w": np.zeros(2, np.float32), "epoch": 10**5000, "note": "x" * 5000},
+                                        protocol=4))
+    result = _run(str(checkpoint))
+    assert result.exit_code == 0, result.output
+    assert "value:    epoch = <int of 16610 bits>" in result.output
+    assert "... (5000 characters)" in result.output
+    data = json.loads(_run(str(checkpoint), "--json").output)
+    assert data["values"]["epoch"] == "<int of 16610 bits>"
+
+
 class _Evil:
     def __init__(self, marker):
         self.marker = marker
