@@ -467,6 +467,27 @@ def test_cli_prints_architecture_errors_without_a_traceback(converted_cls, tmp_p
 
 
 @pytest.mark.paddle
+def test_check_fails_a_wrong_class_bias_that_probabilities_hide(converted_rec, tmp_path):
+    """A review found this passing: the blank class's bias raised by half (its probability +66 %) moves the
+    probabilities of a 6625-class head by 1e-4 at most, within 32 x the float32 floor; the relative limit fails it."""
+    from safetensors.torch import load_file, save_file
+
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    for path in converted_rec.out.iterdir():
+        (wrong / path.name).write_bytes(path.read_bytes())
+    with safe_open(str(wrong / "model.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(wrong / "model.safetensors"))
+    tensors["head.fc.bias"][0] *= 1.5
+    save_file(tensors, str(wrong / "model.safetensors"), metadata=metadata)
+    report = pipeline.check(wrong, reference=fixture_data.infer_tar(REC), write=False)
+    assert not report.passed
+    random_cases = [c for c in report.to_dict()["cases"] if c["input"].startswith("random")]
+    assert all(o["max_abs_diff"] < 3e-4 and o["max_rel_diff"] > 0.5 for c in random_cases for o in c["outputs"])
+
+
+@pytest.mark.paddle
 def test_check_name_converts_in_memory(mirror_env):
     report = pipeline.check(CLS)
     assert report.passed and report.to_dict()["task"] == "cls"

@@ -67,12 +67,36 @@ def test_compare_arrays_reports_abs_rel_and_limit():
     assert result["passed"] and result["limit"] == 1e-5
     failed = parity.compare_arrays(ref, got + 1e-4, atol=1e-5)
     assert not failed["passed"]
-    by_floor = parity.compare_arrays(ref, got + 1e-4, atol=1e-5, float32_floor=2e-5, floor_factor=8)
-    assert by_floor["passed"] and by_floor["limit"] == pytest.approx(1.6e-4)
+    by_floor = parity.compare_arrays(ref, got + 1e-4, atol=1e-5, float32_floor=2e-5, floor_factor=8,
+                                     float32_rel_floor=20.0)
+    assert by_floor["passed"] and by_floor["limit"] == pytest.approx(1.6e-4) and by_floor["rel_limit"] == 160.0
     nan = parity.compare_arrays(ref, np.array([np.nan, 0.5, 0]), atol=1.0)
     assert not nan["passed"]
     wrong_shape = parity.compare_arrays(ref, ref[:2], atol=1.0)
     assert not wrong_shape["passed"] and wrong_shape["converted_shape"] == [2]
+
+
+def test_a_wrong_low_probability_class_fails_on_the_relative_limit():
+    """One class of a wide softmax off by 66 %: its absolute difference is below the absolute limit (also when a
+    float32 floor raises it), the relative one is not; a relative floor that large would excuse it."""
+    ref = np.array([0.9, 0.1 - 1e-5, 1.5e-5], dtype=np.float32)
+    got = np.array([0.9, 0.1 - 1e-5, 2.5e-5], dtype=np.float32)
+    plain = parity.compare_arrays(ref, got, atol=1e-5)
+    assert plain["max_abs_diff"] <= plain["limit"] and plain["max_rel_diff"] == pytest.approx(0.667, rel=1e-2)
+    assert not plain["passed"] and plain["rel_limit"] == parity.DEFAULT_RTOL
+    raised = parity.compare_arrays(ref * 10, got * 10, atol=1e-5, float32_floor=1e-5, float32_rel_floor=1e-5)
+    assert raised["max_abs_diff"] <= raised["limit"] and not raised["passed"]
+    excused = parity.compare_arrays(ref, got, atol=1e-5, float32_rel_floor=0.05)
+    assert excused["passed"] and excused["rel_limit"] == pytest.approx(1.6)
+    det_map = parity.compare_arrays(ref, got, atol=1e-5, rtol=None)  # det maps: absolute limit only
+    assert det_map["passed"] and det_map["rel_limit"] is None
+
+
+def test_relative_limit_applies_to_class_probabilities_only():
+    cls = parity.run_parity(TinyCls().eval(), CLS_CONFIG, shifted(TinyCls().eval(), 0.0)).to_dict()
+    assert cls["tolerance"]["rtol"] == parity.DEFAULT_RTOL
+    assert all(o["rel_limit"] >= parity.DEFAULT_RTOL for c in cls["cases"] for o in c["outputs"])
+    assert "1e-05 abs and 0.001 relative" in parity.ParityReport(cls).table()
 
 
 def test_decode_texts_uses_the_dictionary_and_reverses_arabic():
