@@ -120,9 +120,7 @@ class CachedInferenceModule(nn.Module):
     ``.cuda()`` ...) and when ``load_state_dict`` reaches the module."""
 
     def _drop_derived_tensors(self) -> None:
-        for value in self.__dict__.values():
-            if isinstance(value, DerivedTensors):
-                value.clear()
+        _clear_caches(self, (DerivedTensors,))
 
     def train(self, mode: bool = True):
         if mode != self.training:
@@ -203,9 +201,14 @@ def clear_inference_caches(model: nn.Module) -> None:
     forward hooks. In-place edits under ``torch.no_grad()``, optimizer steps, ``load_state_dict``, ``.to()`` and
     train()/eval() transitions are noticed without it."""
     for module in model.modules():
-        for value in module.__dict__.values():
-            if isinstance(value, (DerivedTensors, _HookCheck)):
-                value.clear()
+        _clear_caches(module, (DerivedTensors, _HookCheck))
+
+
+def _clear_caches(module: nn.Module, kinds: tuple[type, ...]) -> None:
+    """Clear the caches of the given kinds that ``module`` itself holds."""
+    for value in module.__dict__.values():
+        if isinstance(value, kinds):
+            value.clear()
 
 
 # activation name -> oneDNN post-op name of torch.ops.mkldnn._convolution_pointwise (same math as the modules)

@@ -131,7 +131,6 @@ def load_pretrained(directory: str | os.PathLike, *, device: str | torch.device 
     characters = read_characters(directory)
     _check_characters(model, config, characters, directory / DICT_FILE)
     tensors = load_file(str(weights_path), device="cpu")
-    _check_keys(model.state_dict(), tensors, weights_path, config)
     target = dtype if dtype is not None else next((t.dtype for t in tensors.values() if t.is_floating_point()), None)
     if target is not None:
         model.to(target)
@@ -139,7 +138,9 @@ def load_pretrained(directory: str | os.PathLike, *, device: str | torch.device 
             for module in model.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.float()
-    model.load_state_dict(_cast_checked(tensors, model.state_dict(), weights_path), strict=True)
+    expected = model.state_dict()
+    _check_keys(expected, tensors, weights_path, config)
+    model.load_state_dict(_cast_checked(tensors, expected, weights_path), strict=True)
     model.to(device)
     model.eval()
     model.ocrconv_config = config

@@ -242,14 +242,13 @@ class _ScalarShell(_Shell):
 class _MappedBytes(_Shell):
     """A large BINBYTES payload left in the file: arrays are made as views of a private mapping of it."""
 
-    __slots__ = ("buffer", "offset", "count", "data")
+    __slots__ = ("buffer", "offset", "count")
 
     def __init__(self, ctx: _Context, buffer: mmap.mmap, offset: int, count: int):
         super().__init__(ctx)
         self.buffer = buffer
         self.offset = offset
         self.count = count
-        self.data: bytes | None = None
 
     def __len__(self) -> int:
         return self.count
@@ -262,11 +261,10 @@ class _MappedBytes(_Shell):
         return flat.reshape(shape, order="F" if is_fortran else "C")
 
     def value(self) -> bytes:
-        """The payload as bytes (when it is not array data): read once, charged once, then shared."""
-        if self.data is None:
-            self.ctx.charge(self.count, f"a bytes value of {self.count} bytes")
-            self.data = self.buffer[self.offset:self.offset + self.count]
-        return self.data
+        """The payload as bytes (when it is not array data), charged against the budget. ``_finish`` calls it
+        once per shell and shares the result wherever the pickle references the payload again."""
+        self.ctx.charge(self.count, f"a bytes value of {self.count} bytes")
+        return self.buffer[self.offset:self.offset + self.count]
 
 
 class _OrderedDict(collections.OrderedDict):
@@ -437,7 +435,7 @@ _COUNTED = {op[0]: struct.Struct(fmt) for op, fmt in (
     (pickle.LONG1, "<B"), (pickle.BINSTRING, "<i"), (pickle.BINBYTES, "<I"), (pickle.BINUNICODE, "<I"),
     (pickle.LONG4, "<i"), (pickle.BINUNICODE8, "<Q"), (pickle.BINBYTES8, "<Q"))}
 _LINES = {op[0]: lines for op, lines in (
-    (pickle.INT, 1), (pickle.LONG, 1), (pickle.FLOAT, 1), (pickle.STRING, 1), (pickle.UNICODE, 1), (pickle.GET, 1),
+    (pickle.INT, 1), (pickle.LONG, 1), (pickle.FLOAT, 1), (pickle.STRING, 1), (pickle.UNICODE, 1),
     (pickle.GLOBAL, 2), (pickle.INST, 2))}
 _PUTS = {pickle.BINPUT[0]: "<B", pickle.LONG_BINPUT[0]: "<I", pickle.PUT[0]: None}
 _REFUSED = {getattr(pickle, name)[0]: name for name in (

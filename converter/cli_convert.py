@@ -9,7 +9,7 @@ import click
 from converter import convert as pipeline
 from converter import parity
 from converter.cli_options import finite_tolerance, mirror_url
-from converter.errors import OcrconvError
+from converter.errors import OcrconvError, OutputError
 
 # Exit status of a batch stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
 EXIT_INTERRUPTED = 130
@@ -29,10 +29,11 @@ def _echo_result(result: pipeline.ConvertResult) -> None:
 
 def _json_report(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
     """--report names the JSON report; its Markdown table is written next to it, so it cannot be a .md path."""
-    if value is not None and pipeline.markdown_path(value) == value:
-        raise click.BadParameter(f"{value} would be overwritten by the Markdown table written next to the JSON "
-                                 f"report; give the JSON path, e.g. {value.with_suffix('.json')}", ctx=ctx,
-                                 param=param)
+    if value is not None:
+        try:
+            pipeline.markdown_path(value)
+        except OutputError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
     return value
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from converter.cli_options import mirror_url
-from converter.errors import UnknownModelError, UnsupportedFormatError
+from converter.manifest import local_path_exists
 from converter.paddle_io import PaddleWeights, load
 
 
@@ -127,16 +127,9 @@ def _print_text(data: dict, limit: int | None) -> None:
 
 def _load_named(name: str, artifact: str | None, mirror: str | None, cache: str | None, offline: bool) -> Path:
     from converter.download import fetch_artifact
-    from converter.manifest import load_manifest
+    from converter.manifest import resolve_target
 
-    try:
-        entry, implied = load_manifest().resolve(name)
-    except UnknownModelError:
-        from converter.convert import looks_like_path  # imports torch: only on this error path
-
-        if looks_like_path(name):
-            raise UnsupportedFormatError(f"{name}: no such file or directory") from None
-        raise
+    entry, implied = resolve_target(name)
     return fetch_artifact(entry, artifact or implied or "inference", cache_dir=cache, mirror=mirror,
                           offline=offline)
 
@@ -161,8 +154,7 @@ def info(target: str, as_json: bool, prefer: str | None, kind: str | None, limit
     Pickles are read with a restricted unpickler: a file asking for anything else is refused and nothing runs.
     """
     path = Path(target)
-    exists = path.exists() or path.with_name(path.name + ".pdmodel").is_file()
-    if not exists:
+    if not local_path_exists(path):
         path = _load_named(target, artifact, mirror, cache, offline)
     weights = load(path, prefer=prefer, kind=kind)
     data = describe(weights)

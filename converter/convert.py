@@ -26,19 +26,18 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from architectures.model import DET_SIZE_MULTIPLE
 from architectures.pretrained import (CONFIG_FILE, DICT_FILE, FORMAT_VERSION, FORMAT_VERSION_KEY, METADATA_KEY,
                                       WEIGHTS_FILE, load_pretrained)
 from converter import __version__, dictionaries, parity
 from converter.errors import (DictionaryError, FamilyError, OcrconvError, OutputError, ParityError,
-                              UnknownModelError, UnsupportedFormatError)
+                              UnknownModelError)
 
 log = logging.getLogger(__name__)
 
 PARITY_FILE = "parity.json"
 # Every file an output directory can hold: ``force`` replaces a directory only when it holds nothing else.
 OUTPUT_FILES = frozenset({WEIGHTS_FILE, CONFIG_FILE, DICT_FILE, PARITY_FILE})
-# A NAME|PATH argument with one of these endings (or a path separator) is a path, never a manifest name.
-PATH_SUFFIXES = (".tar", ".pdparams", ".pdmodel", ".pdiparams", ".pdopt", ".states", ".safetensors")
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -67,7 +66,7 @@ FLOAT16_MAX = torch.finfo(torch.float16).max
 
 DET_FACTS = {
     "preprocess": {"channel_order": "BGR", "scale": 1 / 255, "mean": [0.485, 0.456, 0.406],
-                   "std": [0.229, 0.224, 0.225], "size_multiple": 32, "limit_side_len": 960, "limit_type": "max"},
+                   "std": [0.229, 0.224, 0.225], "size_multiple": DET_SIZE_MULTIPLE, "limit_side_len": 960, "limit_type": "max"},
     "postprocess": {"name": "DBPostProcess", "thresh": 0.3, "box_thresh": 0.6, "max_candidates": 1000,
                     "unclip_ratio": 1.5, "output": "text probability map (N, 1, H, W)"},
 }
@@ -163,17 +162,6 @@ def _entry_for_path(path: Path) -> tuple[object | None, str | None]:
     return None, None
 
 
-def looks_like_path(target: str | os.PathLike) -> bool:
-    """True when ``target`` can only be meant as a path: it holds a path separator or ends like a weight file."""
-    text = os.fspath(target)
-    return "/" in text or os.sep in text or text.lower().endswith(PATH_SUFFIXES)
-
-
-def local_path_exists(path: Path) -> bool:
-    """True when ``path`` is an existing file or directory, or an inference prefix (``.../inference``)."""
-    return path.exists() or path.with_name(path.name + ".pdmodel").is_file()
-
-
 def default_artifact(entry) -> str:
     """The archive of a manifest row converted when nothing asks for another: the first of ARTIFACT_ORDER."""
     available = [k for k in ARTIFACT_ORDER if k in entry.artifacts]
@@ -191,18 +179,13 @@ def resolve_source(target: str | os.PathLike, *, artifact: str | None = None, mi
     file, not as an unknown model.
     """
     path = Path(target)
-    if local_path_exists(path):
+    if _manifest().local_path_exists(path):
         entry, kind = _entry_for_path(path.resolve())
         return _Source(name=entry.name if entry else _stem(path), path=path, entry=entry, artifact=kind,
                        url=None, notes=[])
     from converter import download
 
-    try:
-        entry, implied = _manifest().load_manifest().resolve(str(target))
-    except UnknownModelError:
-        if looks_like_path(target):
-            raise UnsupportedFormatError(f"{target}: no such file or directory") from None
-        raise
+    entry, implied = _manifest().resolve_target(target)
     available = [k for k in ARTIFACT_ORDER if k in entry.artifacts]
     notes = []
     if artifact is None:
@@ -1003,8 +986,14 @@ def batch_names(*, all_rows: bool = False, names_from: str | os.PathLike | None 
 
 
 def markdown_path(report: str | os.PathLike) -> Path:
-    """The Markdown table written next to a JSON batch report: ``<stem>.md``."""
-    return Path(report).with_suffix(".md")
+    """The Markdown table written next to a JSON batch report: ``<stem>.md``; OutputError for a report path that
+    is that table itself (``*.md``)."""
+    report = Path(report)
+    md = report.with_suffix(".md")
+    if md == report:
+        raise OutputError(f"the report {report} would be overwritten by its Markdown table {md}; name the JSON "
+                          f"report e.g. {report.with_suffix('.json')}")
+    return md
 
 
 def check_report_path(report: str | os.PathLike) -> None:
@@ -1015,9 +1004,6 @@ def check_report_path(report: str | os.PathLike) -> None:
     """
     path = Path(report)
     md = markdown_path(path)
-    if md == path:
-        raise OutputError(f"the report {path} would be overwritten by its Markdown table {md}; name the JSON "
-                          f"report e.g. {path.with_suffix('.json')}")
     for target in (path, md):
         if target.is_dir():
             raise OutputError(f"cannot write the report {target}: it is a directory")
@@ -1137,8 +1123,6 @@ def write_batch_report(data: dict, path: Path) -> Path:
     """
     path = Path(path)
     md = markdown_path(path)
-    if md == path:
-        raise OutputError(f"the report {path} would be overwritten by its Markdown table; name it *.json")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

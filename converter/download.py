@@ -404,9 +404,9 @@ def _unpack_record_matches(marker: Path, target: Path, sha: str) -> bool:
         record = json.loads(marker.read_text(encoding="utf-8"))
         if record["archive_sha256"] != sha:
             return False
-        for name in record["files"]:
+        for name, digest in record["digests"].items():
             path = target / name
-            if not path.is_file() or record["digests"][name]["stat"] != _identity(path):
+            if not path.is_file() or digest["stat"] != _identity(path):
                 log.info("%s changed since it was extracted; extracting again", path)
                 return False
     except (OSError, ValueError, KeyError, TypeError):
@@ -432,27 +432,35 @@ def fetch_artifact(entry: ModelEntry | str, artifact: str = "inference", *, cach
     marker = target.with_name(stem + ".json")
     target.parent.mkdir(parents=True, exist_ok=True)
     index = CacheIndex(root)
-    with _locked(Path(str(target) + ".lock"), f"unpacked/{stem}"):
+    lock = Path(str(target) + ".lock")
+
+    def unpacked_if_current(sha: str) -> Path | None:
+        if not _unpack_record_matches(marker, target, sha):
+            return None
+        log.info("%s %s: using unpacked %s", entry.name, artifact, target)
+        return find_model_dir(target)
+
+    with _locked(lock, f"unpacked/{stem}"):
         record = index.get(stem + ".tar")
-        if (record is not None and (not expected_sha256 or record["sha256"] == expected_sha256.lower())
-                and _unpack_record_matches(marker, target, record["sha256"])):
-            log.info("%s %s: using unpacked %s", entry.name, artifact, target)
-            return find_model_dir(target)
+        if record is not None and (not expected_sha256 or record["sha256"] == expected_sha256.lower()):
+            found = unpacked_if_current(record["sha256"])
+            if found is not None:
+                return found
     archive = fetch_archive(entry, artifact, cache_dir=root, mirror=mirror, offline=offline, quiet=quiet,
                             expected_sha256=expected_sha256)
     record = index.get(archive.name)
     if record is None:  # another process dropped it as corrupt in the meantime
         raise DownloadError(f"{entry.name} {artifact}: {archive.name} left the cache index while in use; run again")
-    with _locked(Path(str(target) + ".lock"), f"unpacked/{stem}"):
-        if _unpack_record_matches(marker, target, record["sha256"]):
-            log.info("%s %s: using unpacked %s", entry.name, artifact, target)
-            return find_model_dir(target)
+    with _locked(lock, f"unpacked/{stem}"):
+        found = unpacked_if_current(record["sha256"])
+        if found is not None:
+            return found
         if marker.exists():
             marker.unlink()
         try:
             _, digests = safe_extract_hashed(archive, target)
         except (CorruptArchiveError, UnsafeArchiveError) as exc:
-            with FileLock(str(archive) + ".lock"):
+            with _locked(Path(str(archive) + ".lock"), archive.name):
                 archive.unlink(missing_ok=True)
                 index.remove(archive.name)
             log.warning("%s %s: removed the %s archive %s and its index record from the cache; the next "

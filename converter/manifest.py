@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import csv
 import difflib
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlparse
 
-from converter.errors import UnknownModelError
+from converter.errors import UnknownModelError, UnsupportedFormatError
+
+# A NAME|PATH argument with one of these endings (or a path separator) is a path, never a manifest name.
+PATH_SUFFIXES = (".tar", ".pdparams", ".pdmodel", ".pdiparams", ".pdopt", ".states", ".safetensors")
 
 PACKAGE_MANIFEST = Path(__file__).resolve().parent / "data" / "model_manifest.csv"
 REPO_MANIFEST = Path(__file__).resolve().parents[1] / "model_manifest.csv"
@@ -175,3 +179,27 @@ def load_manifest(path: str | Path | None = None) -> Manifest:
 def get_model(name: str) -> ModelEntry:
     """Look up ``name`` (table name, alias or archive stem) in the default manifest."""
     return load_manifest().get(name)
+
+
+def looks_like_path(target: str | os.PathLike) -> bool:
+    """True when ``target`` can only be meant as a path: it holds a path separator or ends like a weight file."""
+    text = os.fspath(target)
+    return "/" in text or os.sep in text or text.lower().endswith(PATH_SUFFIXES)
+
+
+def local_path_exists(path: Path) -> bool:
+    """True when ``path`` is an existing file or directory, or an inference prefix (``.../inference``)."""
+    return path.exists() or path.with_name(path.name + ".pdmodel").is_file()
+
+
+def resolve_target(target: str | os.PathLike) -> tuple[ModelEntry, str | None]:
+    """A NAME|PATH argument that is not a local path, as a manifest row and the archive kind its name implies.
+
+    UnknownModelError (with the nearest names) for an unknown name; UnsupportedFormatError "no such file or
+    directory" for one that looks like a path (:func:`looks_like_path`)."""
+    try:
+        return load_manifest().resolve(os.fspath(target))
+    except UnknownModelError:
+        if looks_like_path(target):
+            raise UnsupportedFormatError(f"{target}: no such file or directory") from None
+        raise

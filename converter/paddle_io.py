@@ -35,6 +35,7 @@ import numpy as np
 from converter import _protobuf as pb
 from converter._pickle_safe import MAPPED_BYTES, load_pickle, private_mapping
 from converter.errors import CorruptWeightsError, UnsupportedFormatError
+from converter.unpack import is_junk
 
 log = logging.getLogger(__name__)
 
@@ -238,9 +239,7 @@ class _Files:
 def _ignored(name: str) -> bool:
     """AppleDouble files, ``__MACOSX`` and anything in a hidden folder (``.ipynb_checkpoints``...), in a directory
     or a tar alike."""
-    parts = name.split("/")
-    return (any(p.startswith("._") or p == "__MACOSX" for p in parts)
-            or any(p.startswith(".") for p in parts[:-1]))
+    return is_junk(name) or any(p.startswith(".") for p in name.split("/")[:-1])
 
 
 def _dir_files(root: Path, max_depth: int = 4) -> _Files:
@@ -495,9 +494,7 @@ class _Flattener:
 
     def add(self, obj: Any, prefix: str) -> None:
         """File ``obj`` (and what it holds) under ``prefix``."""
-        self.budget -= 1 + len(prefix)
-        if self.budget < 0:
-            raise self._exhausted(prefix)
+        self._charge(1 + len(prefix), prefix)
         if isinstance(obj, np.ndarray):
             self.forms.add("ndarray")
             self._store(self.arrays, prefix, obj)

@@ -229,14 +229,13 @@ def decode_texts(probs: np.ndarray, characters: Sequence[str] | None, reverse: b
     return [t[::-1] for t in texts] if reverse else texts
 
 
-def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if a.size else 0.0
-
-
-def _max_rel_diff(reference: np.ndarray, other: np.ndarray) -> float:
+def _max_differences(reference: np.ndarray, other: np.ndarray) -> tuple[float, float]:
+    """Largest absolute and relative (denominator ``max(|reference|, REL_FLOOR)``) difference, in float64."""
+    if not reference.size:
+        return 0.0, 0.0
     reference = reference.astype(np.float64)
     diff = np.abs(reference - other.astype(np.float64))
-    return float((diff / np.maximum(np.abs(reference), REL_FLOOR)).max()) if diff.size else 0.0
+    return float(diff.max()), float((diff / np.maximum(np.abs(reference), REL_FLOOR)).max())
 
 
 def compare_arrays(reference: np.ndarray, converted: np.ndarray, atol: float, float32_floor: float | None = None,
@@ -251,10 +250,7 @@ def compare_arrays(reference: np.ndarray, converted: np.ndarray, atol: float, fl
     if reference.shape != converted.shape:
         return {"shape": list(reference.shape), "converted_shape": list(converted.shape), "max_abs_diff": None,
                 "max_rel_diff": None, "float32_floor": float32_floor, "limit": atol, "passed": False}
-    diff = np.abs(reference.astype(np.float64) - converted.astype(np.float64))
-    rel = diff / np.maximum(np.abs(reference.astype(np.float64)), REL_FLOOR)
-    max_abs = float(diff.max()) if diff.size else 0.0
-    max_rel = float(rel.max()) if rel.size else 0.0
+    max_abs, max_rel = _max_differences(reference, converted)
     limit = max(atol, floor_factor * float32_floor) if float32_floor is not None else atol
     rel_limit = None
     if rtol is not None:
@@ -370,8 +366,9 @@ def run_parity(model: torch.nn.Module, config: Mapping, reference: str | os.Path
             for k in range(NUDGES):
                 noise = np.random.RandomState(seed + 1000 + k).standard_normal(x.shape)
                 nudged = torch_outputs(model, (x * (1 + ULP_NUDGE * noise)).astype(np.float32))
-                floors = [max(f, _max_diff(a, b)) for f, a, b in zip(floors, got_outs, nudged)]
-                rel_floors = [max(f, _max_rel_diff(a, b)) for f, a, b in zip(rel_floors, got_outs, nudged)]
+                moved = [_max_differences(a, b) for a, b in zip(got_outs, nudged)]
+                floors = [max(f, m[0]) for f, m in zip(floors, moved)]
+                rel_floors = [max(f, m[1]) for f, m in zip(rel_floors, moved)]
         outputs = []
         for i, (ref, got) in enumerate(zip(ref_outs, got_outs)):
             result = compare_arrays(ref, got, atol, floors[i], floor_factor or 0.0, rtol=rtol,

@@ -13,7 +13,7 @@ from torch import nn
 from architectures.layers import (BN_EPS, CachedInferenceModule, DerivedTensors, contiguous_nchw, conv2d,
                                   fold_batch_norm, fused_conv2d, inference_fast_path)
 from architectures.necks import register
-from architectures.necks.db_fpn import add_upsampled, concat_pyramid
+from architectures.necks.db_fpn import concat_pyramid, fuse_top_down
 
 STAGE_KERNELS = (7, 5, 3)  # IntraCLBlock's cascaded stages: k x k + k x 1 + 1 x k convolutions each
 
@@ -50,9 +50,8 @@ class IntraCLBlock(CachedInferenceModule):
                 y = square(y) + vertical(y) + horizontal(y)
             y = F.relu(self.bn(self.conv1x1_return_channel(y)))
             return x + y
-        reduce = self.conv1x1_reduce_channel
         folded = self._folded_convs()
-        y = fused_conv2d(x, reduce.weight, reduce.bias, 1, 0, 1, 1)
+        y = conv2d(x, self.conv1x1_reduce_channel, True)
         for k, weight, bias in zip(STAGE_KERNELS, folded[0::2], folded[1::2]):
             y = fused_conv2d(y, weight, bias, 1, k // 2, 1, 1)
         return fused_conv2d(y, folded[-2], folded[-1], 1, 0, 1, 1, "relu", F.relu_).add_(x)
@@ -114,9 +113,7 @@ class LKPAN(nn.Module):
         in3 = conv2d(c3, self.ins_conv[1], fast)
         in2 = conv2d(c2, self.ins_conv[0], fast)
 
-        out4 = add_upsampled(in4, in5, fast)
-        out3 = add_upsampled(in3, out4, fast)
-        out2 = add_upsampled(in2, out3, fast)
+        out2, out3, out4, in5 = fuse_top_down([in2, in3, in4, in5], fast)
 
         # NCHW from here: oneDNN runs the large 9x9 convolutions ~1.4x faster than in channels-last
         in5, out4, out3, out2 = (contiguous_nchw(f) for f in (in5, out4, out3, out2))
