@@ -28,7 +28,7 @@ import tarfile
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable
+from typing import IO, Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -673,10 +673,9 @@ def _u32(reader: BoundedReader) -> int:
     return int.from_bytes(reader.read(4), "little")
 
 
-def _read_tensor(reader: BoundedReader, var: pb.VarDesc, source: str,
-                 mapping: _ParamsMapping | None = None) -> np.ndarray:
-    """Read one serialized DenseTensor (Paddle's SerializeToStream) for ``var`` and check it against the program.
-    With a ``mapping``, data of ``MAPPED_BYTES`` or more is not read: the array views the mapping."""
+def _tensor_header(reader: BoundedReader, var: pb.VarDesc, source: str) -> tuple[np.dtype, list[int]]:
+    """Read the header of one serialized DenseTensor (Paddle's SerializeToStream) for ``var``, checked against
+    the program: (dtype, dims). The reader is left at the tensor's data, whose size is checked to fit."""
     offset = reader.pos
 
     def corrupt(why: str) -> CorruptWeightsError:
@@ -727,14 +726,58 @@ def _read_tensor(reader: BoundedReader, var: pb.VarDesc, source: str,
     if nbytes > reader.size - reader.pos:
         raise corrupt(f"data of shape {desc.dims} {np.dtype(dtype).name} needs {nbytes} bytes at byte {reader.pos}, "
                       f"the file has {reader.size - reader.pos} left")
+    return np.dtype(dtype), list(desc.dims)
+
+
+def _read_tensor(reader: BoundedReader, var: pb.VarDesc, source: str,
+                 mapping: _ParamsMapping | None = None) -> np.ndarray:
+    """Read one serialized DenseTensor for ``var`` and check it against the program. With a ``mapping``, data of
+    ``MAPPED_BYTES`` or more is not read: the array views the mapping."""
+    dtype, dims = _tensor_header(reader, var, source)
+    nbytes = math.prod(dims) * dtype.itemsize
     if mapping is not None and nbytes >= MAPPED_BYTES:
-        array = mapping.array(reader.pos, np.dtype(dtype), list(desc.dims))
+        array = mapping.array(reader.pos, dtype, dims)
         reader.skip(nbytes)
         return array
-    array = np.empty(desc.dims, dtype=dtype)
+    array = np.empty(dims, dtype=dtype)
     if nbytes:
         reader.readinto(array)
     return array
+
+
+def rewrite_params(params: str | os.PathLike, program: ProgramInfo, values: Mapping[str, np.ndarray],
+                   target: str | os.PathLike) -> None:
+    """Write to ``target`` a copy of the inference parameters file ``params`` (of ``program``) in which the data
+    of the variables named in ``values`` (Paddle var name -> array of the stored shape and dtype) is replaced.
+
+    Headers are copied byte for byte, so Paddle reads the copy as it reads the original. Raises ValueError for
+    a value whose shape or dtype differs from the stored tensor, or a name that is not a program parameter.
+    """
+    unknown = sorted(set(values) - {spec.name for spec in program.params})
+    if unknown:
+        raise ValueError(f"not parameters of the program: {', '.join(unknown[:10])}")
+    params, size = Path(params), os.path.getsize(params)
+    with open(params, "rb") as source, open(target, "xb") as out:
+        reader = BoundedReader(source, size, str(params))
+        for spec in program.params:
+            start = reader.pos
+            dtype, dims = _tensor_header(reader, program.vars[spec.name], str(params))
+            header_end = reader.pos
+            source.seek(start)
+            out.write(source.read(header_end - start))
+            nbytes = math.prod(dims) * dtype.itemsize
+            if spec.name in values:
+                value = np.asarray(values[spec.name])
+                if list(value.shape) != dims or value.dtype != dtype:
+                    raise ValueError(f"{spec.name}: the replacement is {list(value.shape)} {value.dtype.name}, the "
+                                     f"stored tensor {dims} {dtype.name}")
+                out.write(np.ascontiguousarray(value).data)
+                reader.skip(nbytes)
+            else:
+                out.write(reader.read(nbytes))
+        if reader.pos != size:
+            raise CorruptWeightsError(f"{params}: {size - reader.pos} unread bytes after the {len(program.params)} "
+                                      "program parameters; the file does not belong to this program")
 
 
 def _read_info(files: _Files, name: str) -> dict[str, str]:

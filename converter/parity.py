@@ -100,15 +100,17 @@ def find_inference_prefix(path: str | os.PathLike) -> Path:
 
 class PaddleProgram:
     """An exported inference program, run by Paddle Inference without IR optimisation on the CPU
-    (``threads`` defaults to torch's thread count)."""
+    (``threads`` defaults to torch's thread count); ``params`` replaces its ``.pdiparams`` file (e.g. one written
+    by :func:`converter.paddle_io.rewrite_params`)."""
 
-    def __init__(self, prefix: str | os.PathLike, threads: int | None = None):
+    def __init__(self, prefix: str | os.PathLike, threads: int | None = None, params: str | os.PathLike | None = None):
         paddle = import_paddle()
         from paddle import inference
 
         self.prefix = find_inference_prefix(prefix)
+        self.params = Path(params) if params is not None else self.prefix.with_suffix(".pdiparams")
         self.paddle_version = paddle.__version__
-        config = inference.Config(str(self.prefix.with_suffix(".pdmodel")), str(self.prefix.with_suffix(".pdiparams")))
+        config = inference.Config(str(self.prefix.with_suffix(".pdmodel")), str(self.params))
         config.switch_ir_optim(False)
         config.disable_gpu()
         config.disable_glog_info()
@@ -322,10 +324,24 @@ class ParityReport:
         if half:
             lines.append(f"float16 weights move the outputs by up to {_fmt(half['max_abs_diff'])} "
                          f"(parity above is of the float32 conversion)")
+        substitution = reference_weights_line(self.data)
+        if substitution:
+            lines.append(substitution)
         weights = self.data.get("weights_vs_inference")
         if weights:
             lines.append(f"trained vs released inference weights: {weights['summary']}")
         return "\n".join(lines)
+
+
+def reference_weights_line(data: Mapping) -> str | None:
+    """One line on which weights Paddle's program ran with, for a report compared with a trained checkpoint."""
+    substitution = data.get("reference_weights") or {}
+    if "checkpoint" not in substitution:
+        return None
+    detail = (substitution["found"] if substitution["substituted"] else
+              f"{substitution['unresolved_count']} program parameter(s) not in it, e.g. "
+              + "; ".join(substitution["unresolved"][:3]))
+    return f"reference weights: {substitution['weights']} ({detail})"
 
 
 def _fmt(value: float | None) -> str:
@@ -338,8 +354,10 @@ def _fmt_ratio(value: float | None) -> str:
 
 def run_parity(model: torch.nn.Module, config: Mapping, reference: str | os.PathLike | Callable, *,
                characters: Sequence[str] | None = None, atol: float = DEFAULT_ATOL, seed: int = 0,
-               floor_factor: float | None = FLOOR_FACTOR, progress: Callable[[str], None] | None = None) -> ParityReport:
-    """Compare ``model`` with Paddle's inference program (a prefix/directory, or a callable for tests).
+               floor_factor: float | None = FLOOR_FACTOR, progress: Callable[[str], None] | None = None,
+               params: str | os.PathLike | None = None) -> ParityReport:
+    """Compare ``model`` with Paddle's inference program (a prefix/directory, or a callable for tests); ``params``
+    runs the program with another parameters file (see :class:`PaddleProgram`).
 
     ``characters`` (the resolved dictionary, class ``i + 1`` = ``characters[i]``) turns rec comparisons into
     decoded strings. With ``floor_factor`` the float32 floor of ``model`` is measured per input (see FLOOR_FACTOR);
@@ -347,7 +365,8 @@ def run_parity(model: torch.nn.Module, config: Mapping, reference: str | os.Path
     :class:`ParityReport`; it does not raise on a mismatch.
     """
     start = time.perf_counter()
-    program = reference if callable(reference) and not isinstance(reference, (str, os.PathLike)) else PaddleProgram(reference)
+    program = (reference if callable(reference) and not isinstance(reference, (str, os.PathLike))
+               else PaddleProgram(reference, params=params))
     post = config.get("postprocess") or {}
     reverse = bool(post.get("reverse", False))
     rtol = DEFAULT_RTOL if config["task"] in RELATIVE_TASKS else None

@@ -82,6 +82,10 @@ class FamilyRules:
     replacement)`` applied in order. ``transforms``: ``fn(state, ctx) -> state`` run after the renames.
     ``submodel_configs``: for a selectable sub-model of another architecture (e.g. a distillation Teacher),
     prefix -> config sections (``backbone`` / ``neck`` / ``head`` ...) that replace the family's.
+    ``program_params``: ``fn(checkpoint) -> {structured name: array}`` giving inference-program parameters that a
+    trained checkpoint (Paddle names, sub-model prefix removed) holds in another form, as PaddleOCR's export
+    derives them (e.g. PPLCNetV3's fused convolutions); used to run the released program with a checkpoint's
+    weights (:mod:`converter.substitute`).
     """
 
     family: str
@@ -94,6 +98,7 @@ class FamilyRules:
     class_count: ClassCount | None = None
     optional_branches: tuple[OptionalBranch, ...] = ()
     submodel_configs: Mapping[str, Mapping] = field(default_factory=dict)
+    program_params: tuple[Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]], ...] = ()
 
     def selectable(self) -> tuple[str, ...]:
         """Prefixes ``convert(submodel=...)`` accepts."""
@@ -132,6 +137,7 @@ class ConversionContext:
 class Conversion:
     """Result of :func:`convert`: the PyTorch ``state_dict`` and what the rules did.
 
+    ``submodel`` is the sub-model prefix of the checkpoint keys that were converted ("" for plain weights).
     ``model`` is the PyTorch model holding ``state_dict`` (same memory); it is loaded on first use, since
     writing the weights needs only the state dict.
     """
@@ -143,6 +149,7 @@ class Conversion:
     notes: list[str]
     transposed: list[str]
     added: list[tuple[str, str]]
+    submodel: str = ""
     _model: nn.Module = field(repr=False, default=None)
     _loaded: bool = field(repr=False, default=False)
 
@@ -421,7 +428,8 @@ def convert(weights: Mapping[str, np.ndarray], family: str, *, submodel: str | N
     logger.debug("%s: %d tensors loaded, %d keys dropped, %d renamed, %d transposed", family, len(tensors),
                  len(ctx.dropped), len(ctx.renamed), len(transposed))
     return Conversion(state_dict={key: tensors[key] for key in model_sd}, config=ctx.config, dropped=ctx.dropped,
-                      renamed=ctx.renamed, notes=ctx.notes, transposed=transposed, added=added, _model=model)
+                      renamed=ctx.renamed, notes=ctx.notes, transposed=transposed, added=added,
+                      submodel=ctx.prefix, _model=model)
 
 
 _SIGNATURES: dict[str, dict[str, tuple[int, ...]]] = {}

@@ -16,6 +16,9 @@ spellings are renamed by named rules.
 from __future__ import annotations
 
 import re
+from typing import Mapping
+
+import numpy as np
 
 from architectures.backbones.pplcnetv3 import fuse_rep_branches
 from converter.errors import FamilyError
@@ -52,8 +55,10 @@ NRTR_DROPS = (
 _FUSED = re.compile(r"\.reparam_conv\.(weight|bias)$")
 _BRANCHES = re.compile(r"\.(conv_kxk\.\d+|conv_1x1|identity)\.")
 _BRANCH_KEY = re.compile(r"^(?P<layer>.+)\.(?:conv_kxk\.(?P<index>\d+)|(?P<branch>conv_1x1|identity))\."
-                         r"(?P<param>(?:conv|bn)\.\w+|weight|bias|running_mean|running_var)$")
+                         r"(?P<param>(?:conv|bn)\.\w+|weight|bias|running_mean|running_var|_mean|_variance)$")
+# BN tensor names: after the generic renames (PyTorch) and as Paddle stores them
 _BN_PARAMS = ("weight", "bias", "running_mean", "running_var")
+_PADDLE_BN_PARAMS = ("weight", "bias", "_mean", "_variance")
 
 
 def select_rep_form(state: State, ctx: ConversionContext) -> State:
@@ -85,60 +90,77 @@ def fuse_rep_state(state: State, ctx: ConversionContext) -> State:
     A layer's keys must be complete (each branch a conv weight plus four BN tensors, the identity four BN
     tensors); anything else is left in place and reported by the strict key check.
     """
-    layers: dict[str, dict] = {}
-    for key in state:
-        match = _BRANCH_KEY.match(key)
-        if match:
-            branch = f"conv_kxk.{match['index']}" if match["index"] is not None else match["branch"]
-            layers.setdefault(match["layer"], {}).setdefault(branch, {})[match["param"]] = key
-    fused_layers = 0
+    layers = _rep_layers(state, _BN_PARAMS)
     for layer, branches in layers.items():
-        if not all(_complete(name, params) for name, params in branches.items()):
-            continue
-        kxk = sorted((name for name in branches if name.startswith("conv_kxk.")),
-                     key=lambda name: int(name.removeprefix("conv_kxk.")))
-        if not kxk:
-            continue
-        arrays = {name: _branch_arrays(state, name, params) for name, params in branches.items()}
         try:
-            kernel, bias = fuse_rep_branches([arrays[name] for name in kxk], arrays.get("conv_1x1"),
-                                             arrays.get("identity"))
+            kernel, bias, first = _fuse_layer(state, branches, _BN_PARAMS)
         except (RuntimeError, IndexError) as exc:  # shapes that do not fit together
             shapes = ", ".join(f"{ctx.origin.get(key, key)} {list(state[key].shape)}"
                                for params in branches.values() for key in params.values())
             raise FamilyError(f"{ctx.family}: the training branches of {layer} cannot be fused ({exc}): "
                               f"{shapes}") from exc
-        dtype = state[branches[kxk[0]]["conv.weight"]].dtype
         for name, value in (("weight", kernel), ("bias", bias)):
-            state[f"{layer}.reparam_conv.{name}"] = value.numpy().astype(dtype)
-            ctx.origin[f"{layer}.reparam_conv.{name}"] = (f"{ctx.origin.get(branches[kxk[0]]['conv.weight'])} "
+            state[f"{layer}.reparam_conv.{name}"] = value.numpy().astype(state[first].dtype)
+            ctx.origin[f"{layer}.reparam_conv.{name}"] = (f"{ctx.origin.get(first)} "
                                                           f"(+ {len(branches) - 1} branch(es), fused)")
         for params in branches.values():
             for key in params.values():
                 ctx.renamed.append((ctx.origin.pop(key, key), f"{layer}.reparam_conv", "rep_fuse"))
                 del state[key]
-        fused_layers += 1
-    ctx.notes.append(f"rep_fuse: the weights hold PPLCNetV3's training branches; {fused_layers} layers were fused "
+    ctx.notes.append(f"rep_fuse: the weights hold PPLCNetV3's training branches; {len(layers)} layers were fused "
                      f"into reparam_conv (float64 arithmetic) and the deploy form was built")
     return state
 
 
-def _complete(name: str, params: dict[str, str]) -> bool:
-    wanted = _BN_PARAMS if name == "identity" else ("conv.weight", *(f"bn.{p}" for p in _BN_PARAMS))
-    return set(params) == set(wanted)
+def fused_program_params(checkpoint: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The ``<layer>.reparam_conv.{weight,bias}`` that PaddleOCR's export (``rep()``) puts into the inference
+    program, computed from a trained checkpoint's branches (Paddle names, sub-model prefix removed)."""
+    fused = {}
+    for layer, branches in _rep_layers(checkpoint, _PADDLE_BN_PARAMS).items():
+        kernel, bias, first = _fuse_layer(checkpoint, branches, _PADDLE_BN_PARAMS)
+        dtype = checkpoint[first].dtype
+        fused[f"{layer}.reparam_conv.weight"] = kernel.numpy().astype(dtype)
+        fused[f"{layer}.reparam_conv.bias"] = bias.numpy().astype(dtype)
+    return fused
 
 
-def _branch_arrays(state: State, name: str, params: dict[str, str]):
-    """(conv weight, BN tensors) of a conv branch, or the BN tensors of the identity branch."""
-    if name == "identity":
-        return tuple(state[params[p]] for p in _BN_PARAMS)
-    return state[params["conv.weight"]], tuple(state[params[f"bn.{p}"]] for p in _BN_PARAMS)
+def _rep_layers(state: Mapping[str, np.ndarray], bn_params: tuple[str, ...]) -> dict[str, dict[str, dict[str, str]]]:
+    """layer -> branch -> parameter -> key, for the layers whose branches are complete (each branch a conv weight
+    plus the four BN tensors ``bn_params``, the identity those four; at least one ``conv_kxk``)."""
+    layers: dict[str, dict[str, dict[str, str]]] = {}
+    for key in state:
+        match = _BRANCH_KEY.match(key)
+        if match:
+            branch = f"conv_kxk.{match['index']}" if match["index"] is not None else match["branch"]
+            layers.setdefault(match["layer"], {}).setdefault(branch, {})[match["param"]] = key
+    wanted = {"identity": set(bn_params)}
+    return {layer: branches for layer, branches in layers.items()
+            if any(name.startswith("conv_kxk.") for name in branches)
+            and all(set(params) == wanted.get(name, {"conv.weight", *(f"bn.{p}" for p in bn_params)})
+                    for name, params in branches.items())}
+
+
+def _fuse_layer(state: Mapping[str, np.ndarray], branches: dict[str, dict[str, str]],
+                bn_params: tuple[str, ...]):
+    """Kernel and bias (float64 tensors) of one layer's fused convolution, and the key of its first conv weight."""
+    def bn(params: dict[str, str], prefix: str) -> tuple:
+        return tuple(state[params[prefix + p]] for p in bn_params)
+
+    kxk = sorted((name for name in branches if name.startswith("conv_kxk.")),
+                 key=lambda name: int(name.removeprefix("conv_kxk.")))
+    conv_1x1 = branches.get("conv_1x1")
+    identity = branches.get("identity")
+    kernel, bias = fuse_rep_branches(
+        [(state[branches[name]["conv.weight"]], bn(branches[name], "bn.")) for name in kxk],
+        (state[conv_1x1["conv.weight"]], bn(conv_1x1, "bn.")) if conv_1x1 else None,
+        bn(identity, "") if identity else None)
+    return kernel, bias, branches[kxk[0]]["conv.weight"]
 
 
 def _lcnet_rules(family: str, drops: tuple, **extra) -> FamilyRules:
     return FamilyRules(family=family, prefixes=("Student.", ""), foreign_prefixes=("Teacher.",),
                        drops=LCNET_DROPS + drops, renames=RELEASE_LAB_RENAMES, transforms=(select_rep_form,),
-                       **extra)
+                       program_params=(fused_program_params,), **extra)
 
 
 RULES: dict[str, FamilyRules] = {
