@@ -723,7 +723,8 @@ def compare_with_program(model: torch.nn.Module, config: Mapping, prefix: Path, 
         if plan.complete:
             params = scratch / "checkpoint.pdiparams"
             paddle_io.rewrite_params(prefix.with_suffix(".pdiparams"), program_weights.program, plan.values, params)
-            described["weights"] = "the trained checkpoint's, put into the released program"
+            owner = f"{submodel.rstrip('.')} sub-model" if submodel else "weights"
+            described["weights"] = f"the trained checkpoint's {owner}, put into the released program"
         else:
             described["weights"] = ("the program's own (released) weights: the checkpoint does not give every "
                                     "program parameter")

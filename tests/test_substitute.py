@@ -143,7 +143,7 @@ def test_checkpoint_of_another_epoch_is_verified_in_the_released_program(tmp_pat
     assert data["reference_weights"]["substituted"] and data["reference_weights"]["checkpoint"] == str(checkpoint)
     assert data["passed"] and data["max_abs_diff"] <= 1e-5 and "verdict" not in data
     assert result.status == "converted"
-    assert any(n.startswith("reference weights: the trained checkpoint's") for n in pipeline.iter_notes(result))
+    assert any(n.startswith("reference weights: the trained checkpoint's weights, put into") for n in pipeline.iter_notes(result))
 
     report = pipeline.check(result.out, reference=fixture_data.infer_tar(CLS))  # `ocrconv check DIR` redoes it
     assert report.passed and report.data["reference_weights"]["substituted"]
