@@ -29,7 +29,7 @@ from safetensors import safe_open
 from architectures.model import DET_SIZE_MULTIPLE
 from architectures.pretrained import (CONFIG_FILE, DICT_FILE, FORMAT_VERSION, FORMAT_VERSION_KEY, METADATA_KEY,
                                       WEIGHTS_FILE, load_pretrained)
-from converter import __version__, dictionaries, parity
+from converter import __version__, dictionaries, parity, staging
 from converter.errors import (DictionaryError, FamilyError, OcrconvError, OutputError, ParityError,
                               UnknownModelError)
 
@@ -391,7 +391,7 @@ def _commit(tmp: Path, out: Path, replace: bool) -> None:
         raise OutputError(f"{out} appeared while converting; not overwritten (use --force)")
     check_replaceable(out)
     try:
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = staging.make_dir(out, "old")
     except OSError as exc:
         raise OutputError(f"cannot replace {out}: {exc}") from exc
     try:
@@ -571,7 +571,9 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        # a killed run's "old" sibling holds the only copy of the previous output until the swap completed
+        staging.remove_stale(out, ("tmp", "old") if out.exists() else ("tmp",))
+        tmp = staging.make_dir(out, "tmp")
     except OSError as exc:
         raise OutputError(f"cannot create the output directory {out}: {exc}") from exc
     try:

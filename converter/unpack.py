@@ -17,9 +17,9 @@ import logging
 import os
 import shutil
 import tarfile
-import tempfile
 from pathlib import Path, PurePosixPath
 
+from converter import staging
 from converter.errors import CorruptArchiveError, OutputError, UnsafeArchiveError, UnsupportedFormatError
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,8 @@ def safe_extract_hashed(tar: str | Path, dest: str | Path, *, max_members: int =
         raise CorruptArchiveError(f"{tar}: not a readable tar archive: {exc}") from exc
     with tf:
         plan = _plan(tar, _read_members(tar, tf, max_members), max_total_bytes)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+        staging.remove_stale(dest, ("partial", "old"))
+        tmp = staging.make_dir(dest, "partial")
         digests: dict[str, str] = {}
         try:
             for member, rel in plan:
@@ -216,7 +217,7 @@ def _replace_dir(tmp: Path, dest: Path) -> None:
     """Move the finished ``tmp`` to ``dest``; an existing ``dest`` is moved aside first, then removed."""
     old = None
     if dest.exists() or dest.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+        old = staging.make_dir(dest, "old")
         os.replace(dest, old / "x")
     os.replace(tmp, dest)
     if old is not None:

@@ -1,0 +1,69 @@
+"""Hidden siblings a killed run leaves next to an output are removed by the next run for that output, and only
+those: a running process's, another host's, and the only copy of a previous output stay."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fixture_data
+from converter import convert as pipeline, staging
+from converter.unpack import safe_extract
+
+CLS = "ch_ppocr_mobile_v2.0_cls"
+
+
+def _left_by_a_killed_process(target: Path, role: str, content: str = "half-written") -> Path:
+    """A sibling made by another process that is gone by now (as a run killed while writing leaves it)."""
+    code = ("import sys; from pathlib import Path; from converter import staging; "
+            "d = staging.make_dir(Path(sys.argv[1]), sys.argv[2]); (d / 'model.safetensors').write_text(sys.argv[3]); "
+            "print(d)")
+    made = subprocess.run([sys.executable, "-c", code, str(target), role, content], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parents[1])
+    return Path(made.stdout.strip())
+
+
+def test_a_killed_conversion_s_temp_directory_is_removed_by_the_next_one(tmp_path):
+    out = tmp_path / "cls"
+    stale = _left_by_a_killed_process(out, "tmp")
+    running = staging.make_dir(out, "tmp")  # this process is alive: e.g. a parallel batch worker
+    elsewhere = tmp_path / f".cls.tmp-otherhost-{os.getpid() + 1}-abc"  # another host's, on a shared disk
+    elsewhere.mkdir()
+    assert stale.name.startswith(".cls.tmp-") and stale.is_dir()
+
+    pipeline.convert(fixture_data.infer_tar(CLS), out=out, check=False)
+    assert not stale.exists() and running.is_dir() and elsewhere.is_dir()
+    assert (out / "model.safetensors").is_file()
+
+
+def test_the_only_copy_of_a_previous_output_is_kept_until_an_output_exists_again(tmp_path):
+    """A run killed between moving the old output aside and moving the new one in leaves the old one in an "old"
+    sibling: it is kept while ``out`` is missing, and removed once a new output is in place."""
+    out = tmp_path / "cls"
+    aside = _left_by_a_killed_process(out, "old", content="previous output")
+    pipeline.convert(fixture_data.infer_tar(CLS), out=out, check=False)
+    assert aside.is_dir() and (aside / "model.safetensors").read_text() == "previous output"
+    pipeline.convert(fixture_data.infer_tar(CLS), out=out, check=False, force=True)
+    assert not aside.exists()
+
+
+def test_a_killed_unpack_s_partial_directory_is_removed_by_the_next_one(tmp_path):
+    dest = tmp_path / "unpacked"
+    stale = _left_by_a_killed_process(dest, "partial")
+    safe_extract(fixture_data.infer_tar(CLS), dest)
+    assert not stale.exists() and any(dest.rglob("inference.pdiparams"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unpacked"]
+
+
+def test_symlinks_and_files_named_like_siblings_are_left_alone(tmp_path):
+    target = tmp_path / "out"
+    dead = _left_by_a_killed_process(target, "tmp")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("x")
+    os.rename(dead, tmp_path / "moved")
+    link = tmp_path / dead.name  # a dead process's sibling name, but a symlink to a user's directory
+    link.symlink_to(victim, target_is_directory=True)
+    assert staging.remove_stale(target, ("tmp",)) == []
+    assert (victim / "keep").is_file() and link.is_symlink()
