@@ -48,6 +48,9 @@ def _json_report(ctx: click.Context, param: click.Parameter, value: Path | None)
               help="Character dictionary for a rec model: a file or a vendored name (default: the manifest's).")
 @click.option("--reference", type=click.Path(exists=True, path_type=Path), default=None,
               help="Inference model to check a trained checkpoint against.")
+@click.option("--submodel", default=None, metavar="NAME",
+              help="Distillation sub-model of a trained checkpoint to convert, e.g. Student2 or Teacher "
+                   "(default: the Student).")
 @click.option("--mirror", default=None, envvar="OCRCONV_MIRROR", callback=mirror_url,
               help="Base URL replacing the download host (or OCRCONV_MIRROR).")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -71,8 +74,8 @@ def _json_report(ctx: click.Context, param: click.Parameter, value: Path | None)
 @click.option("--keep-going", is_flag=True, help="Batch: continue after a failed row.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None, callback=_json_report,
               help="Batch: write a JSON report here and a Markdown table next to it (<stem>.md).")
-def convert_command(target, artifact, out, family, dictionary, reference, mirror, cache_dir, offline, train_form,
-                    check, atol, dtype, force, all_rows, names_from, task, jobs, keep_going, report):
+def convert_command(target, artifact, out, family, dictionary, reference, submodel, mirror, cache_dir, offline,
+                    train_form, check, atol, dtype, force, all_rows, names_from, task, jobs, keep_going, report):
     """Convert NAME (a manifest row) or PATH (.tar, directory, .pdparams, inference prefix) to PyTorch.
 
     Writes model.safetensors, config.json, dict.txt (rec) and parity.json (when checked) into the output
@@ -93,14 +96,14 @@ def convert_command(target, artifact, out, family, dictionary, reference, mirror
             raise click.UsageError("--task, --jobs, --keep-going and --report apply to a batch "
                                    "(--all / --names-from FILE / --task T)")
         result = pipeline.convert(target, out=out, family=family, dictionary=dictionary, reference=reference,
-                                  progress=lambda m: click.echo(f"... {m}", err=True), **options)
+                                  submodel=submodel, progress=lambda m: click.echo(f"... {m}", err=True), **options)
         _echo_result(result)
         if not result.ok:
             raise OcrconvError(f"{result.name}: parity check failed ({pipeline.parity_failure(result.parity)}); "
                                f"the output is in {result.out} with parity.json")
         return
-    if family or dictionary or reference:
-        raise click.UsageError("--family, --dict and --reference apply to a single NAME|PATH")
+    if family or dictionary or reference or submodel:
+        raise click.UsageError("--family, --dict, --reference and --submodel apply to a single NAME|PATH")
     names = pipeline.batch_names(all_rows=all_rows, names_from=names_from, task=task)
     try:
         data = pipeline.convert_batch(names, out or Path.cwd(), jobs=jobs, keep_going=keep_going, report=report,

@@ -492,9 +492,12 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
             family: str | None = None, dictionary: str | None = None, reference: str | os.PathLike | None = None,
             mirror: str | None = None, cache_dir: str | os.PathLike | None = None, offline: bool = False,
             train_form: bool = False, check: bool | None = None, dtype: str = "float32", force: bool = False,
-            atol: float | None = None, skip_up_to_date: bool = False,
+            atol: float | None = None, skip_up_to_date: bool = False, submodel: str | None = None,
             progress: Callable[[str], None] | None = None) -> ConvertResult:
     """Convert a manifest NAME or a local PATH into an output directory; see the module docstring.
+
+    ``submodel`` picks a distillation sub-model of a trained checkpoint (e.g. "Student2", "Teacher"; default: the
+    family's preferred one, the Student).
 
     ``check=None`` runs the parity check when PaddlePaddle is installed; ``check=True`` without Paddle adds a
     notice and skips it. ``force`` replaces an existing output directory, but only one ocrconv wrote (see
@@ -531,7 +534,8 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
     replace = force
     redo_note = None
     if skip_up_to_date and out.exists() and not force:
-        meta = _same_output_metadata(out, source_sha256(), dtype, stored_form)
+        chosen = rules.select_submodel(weights, fam, submodel).rstrip(".")
+        meta = _same_output_metadata(out, source_sha256(), dtype, stored_form, chosen)
         previous = _read_parity(out)
         redo_reason = _parity_to_redo(previous, check, atol, form)
         if redo_reason is None or (not check and parity_failure(previous)):
@@ -545,7 +549,7 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
         redo_note = f"converted again: {redo_reason}"
 
     say(f"converting {fam} ({form} form)")
-    conversion = rules.convert(weights, fam, form=form, kind=weights.kind)
+    conversion = rules.convert(weights, fam, form=form, kind=weights.kind, submodel=submodel)
     if dtype == "float16":
         _refuse_float16_overflow(conversion.state_dict)
     config = usage_facts(conversion.config)
@@ -564,10 +568,10 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
     metadata = {
         "format": "pt", "ocrconv_version": __version__, "name": source.name, "source": src_label,
         "source_sha256": source_sha256, "artifact": artifact, "family": fam,
-        "form": stored_form, "dtype": dtype, "task": config["task"],
+        "form": stored_form, "dtype": dtype, "task": config["task"], "submodel": conversion.submodel.rstrip("."),
     }
     provenance = {"dropped": [[k, list(s), r] for k, s, r in conversion.dropped],
-                  "weight_file": str(getattr(weights, "source", "")), "submodel": conversion.submodel}
+                  "weight_file": str(getattr(weights, "source", ""))}
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -627,14 +631,18 @@ def _check_out(out: Path, *, force: bool, skip_up_to_date: bool) -> None:
             raise OutputError(f"output directory {out} already exists; use --force to replace it")
 
 
-def _same_output_metadata(out: Path, source_sha256: str, dtype: str, stored_form: str) -> dict:
-    """The metadata of the existing output ``out`` when it is this conversion's (OutputError naming what differs)."""
+def _same_output_metadata(out: Path, source_sha256: str, dtype: str, stored_form: str, submodel: str) -> dict:
+    """The metadata of the existing output ``out`` when it is this conversion's (OutputError naming what differs).
+    An output written before the sub-model was recorded holds the default one."""
     meta = read_output_metadata(out)
     if not meta or "ocrconv_version" not in meta:
         raise OutputError(f"output directory {out} exists but is not an ocrconv output; move it away or choose "
                           f"another --out")
     wanted = {"source_sha256": source_sha256, "ocrconv_version": __version__, "dtype": dtype, "form": stored_form}
-    labels = {"source_sha256": "source", "ocrconv_version": "ocrconv version", "dtype": "dtype", "form": "form"}
+    if "submodel" in meta:
+        wanted["submodel"] = submodel
+    labels = {"source_sha256": "source", "ocrconv_version": "ocrconv version", "dtype": "dtype", "form": "form",
+              "submodel": "sub-model"}
     differ = [f"{labels[key]} {_short(meta.get(key))} (this run: {_short(value)})"
               for key, value in wanted.items() if meta.get(key) != value]
     if differ:
@@ -783,18 +791,23 @@ def _check_into(result: ConvertResult, tmp: Path, source: _Source, weights, conv
 def _check_with(result: ConvertResult, tmp: Path, scratch: Path, source: _Source, weights, conversion, fam: str,
                 form: str, characters, config: dict, atol: float | None, dtype: str, reference, mirror, cache_dir,
                 offline: bool, say) -> None:
-    from converter import rules
+    from converter import rules, substitute
 
     prefix, ref_weights = _reference_program(source, weights, reference, mirror, cache_dir, offline, scratch)
     if prefix is None:
         result.parity_skipped = ref_weights
         result.notes.append(f"parity not checked: {ref_weights}")
         return
+    release_submodels = None
     if ref_weights is not None:
         # Compared in the deploy form: an inference model holds fused convolutions only.
         ref_conversion = rules.convert(ref_weights, fam, form="deploy", kind=ref_weights.kind)
-        deploy = conversion if form == "deploy" else rules.convert(weights, fam, form="deploy", kind=weights.kind)
+        deploy = (conversion if form == "deploy" else
+                  rules.convert(weights, fam, form="deploy", kind=weights.kind, submodel=conversion.submodel))
         result.weights_vs_inference = parity.compare_state_dicts(deploy.state_dict, ref_conversion.state_dict)
+        release_submodels = substitute.release_submodels(weights, ref_weights, fam, rtol=parity.WEIGHTS_RTOL)
+        if release_submodels is not None:
+            result.notes.append(_release_submodel_note(release_submodels, conversion.submodel.rstrip(".")))
     if atol is None:
         atol = ATOL_TRAIN_FORM if form == "train" else ATOL_DEPLOY
     say(f"checking parity against {prefix}")
@@ -811,6 +824,8 @@ def _check_with(result: ConvertResult, tmp: Path, scratch: Path, source: _Source
     if dtype == "float16":
         data["float16_weights"] = float16_effect(model, written, config, limit=FLOAT16_ATOL)
         data["passed"] = float32_passed and data["float16_weights"]["passed"]
+    if release_submodels is not None:
+        data["release_submodels"] = release_submodels
     if result.weights_vs_inference is not None:
         data["weights_vs_inference"] = result.weights_vs_inference
         if _released_weights_excuse(data):
@@ -821,6 +836,19 @@ def _check_with(result: ConvertResult, tmp: Path, scratch: Path, source: _Source
     result.parity = data
     if parity_failure(data):
         result.status = "parity-failed"
+
+
+def _release_submodel_note(holds: dict[str, bool], converted: str) -> str:
+    """Which sub-model of a distillation checkpoint the released inference model was exported from."""
+    matches = [name for name, held in holds.items() if held]
+    if converted in matches:
+        return f"the released inference model holds this checkpoint's {converted} weights (the sub-model converted)"
+    if matches:
+        return (f"the released inference model holds this checkpoint's {' / '.join(matches)} weights, not those of "
+                f"the converted {converted or 'plain keys'}: convert with --submodel {matches[0]} to get the "
+                f"release's weights")
+    return (f"none of this checkpoint's sub-models ({', '.join(holds)}) holds the released inference model's "
+            f"weights: the release was exported from another checkpoint or epoch")
 
 
 def float16_effect(model32: torch.nn.Module, model16: torch.nn.Module, config: dict, *,
@@ -870,7 +898,7 @@ def check(target: str | os.PathLike, *, reference: str | os.PathLike | None = No
         with tempfile.TemporaryDirectory(prefix="ocrconv-check-") as scratch:
             program_weights = paddle_io.load(reference, kind="inference") if checkpoint is not None else None
             report = compare_with_program(model, config, program_prefix(reference, Path(scratch)), program_weights,
-                                          checkpoint, info.get("family", ""), info.get("submodel", ""),
+                                          checkpoint, info.get("family", ""), _prefix_of(info.get("submodel")),
                                           Path(scratch), characters=characters, atol=atol)
         if write:
             report.write(path / PARITY_FILE)
@@ -896,6 +924,11 @@ def check(target: str | os.PathLike, *, reference: str | os.PathLike | None = No
         return compare_with_program(conversion.model, config, prefix, program_weights, weights, fam,
                                     conversion.submodel, Path(scratch), characters=characters,
                                     atol=ATOL_DEPLOY if atol is None else atol)
+
+
+def _prefix_of(submodel: str | None) -> str:
+    """The key prefix of a sub-model as metadata records it ("Student" -> "Student.", "" -> "")."""
+    return f"{submodel}." if submodel else ""
 
 
 def _recorded_checkpoint(info: dict):

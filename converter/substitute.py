@@ -86,3 +86,29 @@ def checkpoint_in_program(checkpoint: Mapping[str, np.ndarray], program_weights,
         result.values[var] = value
         setattr(result, counter, getattr(result, counter) + 1)
     return result
+
+
+def release_submodels(checkpoint: Mapping[str, np.ndarray], program_weights, family: str,
+                      rtol: float = 1e-5) -> dict[str, bool] | None:
+    """For each sub-model of a distillation ``checkpoint``, whether it holds the released program's own weights
+    (each tensor within ``rtol`` of its largest magnitude, which covers fused convolutions computed in float64);
+    None when the checkpoint has no sub-model prefixes. Tells, e.g., whether a CML release was exported from
+    Student or Student2."""
+    keys = list(checkpoint)
+    prefixes = [p for p in RULES[family].selectable() if p and any(k.startswith(p) for k in keys)]
+    if not prefixes:
+        return None
+    released = {var: program_weights[name] for name, var in program_weights.param_names.items()}
+    holds = {}
+    for prefix in prefixes:
+        plan = checkpoint_in_program(checkpoint, program_weights, family, prefix)
+        holds[prefix.rstrip(".")] = plan.complete and all(_same(value, released[var], rtol)
+                                                          for var, value in plan.values.items())
+    return holds
+
+
+def _same(value: np.ndarray, released: np.ndarray, rtol: float) -> bool:
+    if not value.size:
+        return True
+    difference = np.abs(value.astype(np.float64) - released).max()
+    return bool(difference <= rtol * max(float(np.abs(released).max()), 1.0))

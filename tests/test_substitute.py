@@ -14,9 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 import fixture_data
 from converter import convert as pipeline, paddle_io, parity, rules, substitute
+from converter.cli import main
+from converter.errors import OutputError
 from converter.manifest import get_model
 
 CLS = "ch_ppocr_mobile_v2.0_cls"
@@ -83,8 +86,8 @@ def test_missing_and_wrongly_shaped_parameters_are_listed():
     assert any(u.startswith("head.fc.bias [2]: no head.fc.bias in the checkpoint") for u in plan.unresolved)
     assert any("head.fc.weight" in u and "the checkpoint has [" in u for u in plan.unresolved)
     other_row = paddle_io.load(fixture_data.train_tar("en_number_mobile_v2.0_rec"))  # 97 classes, not 6625
-    rec = substitute.checkpoint_in_program(other_row, paddle_io.load(fixture_data.infer_tar("ch_ppocr_mobile_v2.0_rec")),
-                                           "ppocr_mobile_v2.0_rec")
+    chinese = paddle_io.load(fixture_data.infer_tar("ch_ppocr_mobile_v2.0_rec"))
+    rec = substitute.checkpoint_in_program(other_row, chinese, "ppocr_mobile_v2.0_rec")
     assert not rec.complete and all(u.startswith("head.fc.") for u in rec.unresolved)
 
 
@@ -143,7 +146,8 @@ def test_checkpoint_of_another_epoch_is_verified_in_the_released_program(tmp_pat
     assert data["reference_weights"]["substituted"] and data["reference_weights"]["checkpoint"] == str(checkpoint)
     assert data["passed"] and data["max_abs_diff"] <= 1e-5 and "verdict" not in data
     assert result.status == "converted"
-    assert any(n.startswith("reference weights: the trained checkpoint's weights, put into") for n in pipeline.iter_notes(result))
+    notes = list(pipeline.iter_notes(result))
+    assert any(n.startswith("reference weights: the trained checkpoint's weights, put into") for n in notes)
 
     report = pipeline.check(result.out, reference=fixture_data.infer_tar(CLS))  # `ocrconv check DIR` redoes it
     assert report.passed and report.data["reference_weights"]["substituted"]
@@ -196,3 +200,59 @@ def test_fixture_checkpoint_in_the_real_v4_programs_passes(real_models, tmp_path
         assert data["reference_weights"]["substituted"], data["reference_weights"]
         assert not data["weights_vs_inference"]["identical"]
         assert data["passed"] and result.status == "converted", parity.ParityReport(data).table()
+
+
+# ------------------------------------------------------------------------------------ choosing a sub-model
+
+V3_DET = "ch_PP-OCRv3_det"  # CML checkpoint: Student, Student2 (same architecture) and Teacher (ResNet50_vd)
+
+
+@pytest.mark.paddle
+def test_submodel_option_converts_student2_and_verifies_it_in_the_released_program(tmp_path):
+    out = tmp_path / "student2"
+    res = CliRunner().invoke(main, ["convert", str(fixture_data.train_tar(V3_DET)), "--out", str(out),
+                                    "--submodel", "Student2", "--reference", str(fixture_data.infer_tar(V3_DET))])
+    assert res.exit_code == 0, res.output
+    assert pipeline.read_output_metadata(out)["submodel"] == "Student2"
+    data = json.loads((out / "parity.json").read_text())
+    assert data["passed"] and data["reference_weights"]["substituted"]
+    assert data["reference_weights"]["submodel"] == "Student2"
+    assert not data["weights_vs_inference"]["identical"]  # the fixture's release is the Student
+    assert data["release_submodels"] == {"Student": True, "Student2": False, "Teacher": False}
+    assert ("the released inference model holds this checkpoint's Student weights, not those of the converted "
+            "Student2: convert with --submodel Student") in res.output
+
+    report = pipeline.check(out, reference=fixture_data.infer_tar(V3_DET))  # the recorded sub-model again
+    assert report.passed and report.data["reference_weights"]["submodel"] == "Student2"
+
+
+@pytest.mark.paddle
+def test_default_conversion_says_the_release_holds_the_converted_student(tmp_path):
+    result = pipeline.convert(fixture_data.train_tar(V3_DET), out=tmp_path / "s",
+                              reference=fixture_data.infer_tar(V3_DET))
+    assert result.parity["release_submodels"]["Student"]
+    assert "the released inference model holds this checkpoint's Student weights (the sub-model converted)" \
+        in result.notes
+
+
+def test_submodel_option_errors(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["convert", str(fixture_data.train_tar(V3_DET)), "--out", str(tmp_path / "x"),
+                               "--submodel", "Student3", "--no-check"])
+    assert res.exit_code != 0 and "sub-model 'Student3' cannot be converted" in res.output
+    assert "Student2" in res.output and not (tmp_path / "x").exists()
+    res = runner.invoke(main, ["convert", "--all", "--submodel", "Student2", "--no-check"])
+    assert res.exit_code == 2 and "--submodel apply to a single NAME|PATH" in res.output
+    res = runner.invoke(main, ["convert", str(fixture_data.infer_tar(V3_DET)), "--out", str(tmp_path / "y"),
+                               "--submodel", "Student2", "--no-check"])
+    assert res.exit_code != 0 and "the weights have no sub-model 'Student2'" in res.output
+
+
+def test_an_output_of_another_submodel_is_not_up_to_date(tmp_path):
+    out = tmp_path / "out"
+    pipeline.convert(fixture_data.train_tar(V3_DET), out=out, submodel="Student2", check=False)
+    with pytest.raises(OutputError, match=r"exists with another sub-model Student2 \(this run: Student\)"):
+        pipeline.convert(fixture_data.train_tar(V3_DET), out=out, check=False, skip_up_to_date=True)
+    same = pipeline.convert(fixture_data.train_tar(V3_DET), out=out, submodel="Student2", check=False,
+                            skip_up_to_date=True)
+    assert same.status == "up-to-date"

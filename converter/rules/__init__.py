@@ -258,6 +258,14 @@ def _select_prefix(keys: list[str], rules: FamilyRules, submodel: str | None) ->
         f"sub-model prefixes present: {[p.rstrip('.') for p in present] or 'none'}")
 
 
+def select_submodel(weights: Mapping[str, np.ndarray], family: str, submodel: str | None = None) -> str:
+    """The key prefix of the sub-model :func:`convert` takes from ``weights`` ("" for plain keys); FamilyError
+    when ``submodel`` is not a sub-model of the family present in the weights."""
+    if family not in RULES:
+        raise FamilyError(f"no conversion rules for family {family!r}; known families: {', '.join(sorted(RULES))}")
+    return _select_prefix(list(weights), RULES[family], submodel)
+
+
 def _set_path(config: dict, path: tuple[str, ...], value) -> None:
     node = config
     for part in path[:-1]:
