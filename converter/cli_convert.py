@@ -6,16 +6,20 @@ from pathlib import Path
 
 import click
 
-from converter import convert as pipeline
-from converter import parity
+from converter import OUTPUT_DTYPES
 from converter.cli_options import finite_tolerance, mirror_url
 from converter.errors import OcrconvError, OutputError
+
+# converter.convert and converter.parity load torch (~1 s): they are imported by the commands that run, so that
+# `ocrconv --help`, `list`, `fetch` and `info` start at once.
 
 # Exit status of a batch stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
 EXIT_INTERRUPTED = 130
 
 
-def _echo_result(result: pipeline.ConvertResult) -> None:
+def _echo_result(result) -> None:
+    from converter import convert as pipeline, parity
+
     for note in pipeline.iter_notes(result):
         click.echo(f"note: {note}", err=True)
     if result.parity:
@@ -29,6 +33,8 @@ def _echo_result(result: pipeline.ConvertResult) -> None:
 
 def _json_report(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
     """--report names the JSON report; its Markdown table is written next to it, so it cannot be a .md path."""
+    from converter import convert as pipeline
+
     if value is not None:
         try:
             pipeline.markdown_path(value)
@@ -61,7 +67,7 @@ def _json_report(ctx: click.Context, param: click.Parameter, value: Path | None)
               help="Run the parity check against Paddle (default: on when PaddlePaddle is installed).")
 @click.option("--atol", type=click.FloatRange(min=0), default=None, callback=finite_tolerance,
               help="Parity tolerance, absolute, on probabilities.")
-@click.option("--dtype", type=click.Choice(list(pipeline.DTYPES)), default="float32", help="dtype of the saved weights.")
+@click.option("--dtype", type=click.Choice(OUTPUT_DTYPES), default="float32", help="dtype of the saved weights.")
 @click.option("--force", is_flag=True,
               help="Replace an existing output directory that ocrconv wrote (the old one stays until the new is "
                    "complete); anything else is never replaced.")
@@ -81,6 +87,8 @@ def convert_command(target, artifact, out, family, dictionary, reference, submod
     Writes model.safetensors, config.json, dict.txt (rec) and parity.json (when checked) into the output
     directory. With --all / --names-from / --task it converts a batch into --out/<name>/.
     """
+    from converter import convert as pipeline, parity
+
     if all_rows and names_from is not None:
         raise click.UsageError("give --all or --names-from FILE, not both")
     batch = all_rows or names_from is not None or (task is not None and target is None)
@@ -122,6 +130,8 @@ def convert_command(target, artifact, out, family, dictionary, reference, submod
 
 
 def _echo_batch(data: dict, report: Path | None) -> None:
+    from converter import convert as pipeline
+
     for row in data["rows"]:
         diff = row.get("max_abs_diff")
         click.echo(f"{row['status']:>13}  {row['name']:<34} {'' if diff is None else f'max diff {diff:.3g}'}"
@@ -145,6 +155,8 @@ def _echo_batch(data: dict, report: Path | None) -> None:
 @click.option("--no-write", is_flag=True, help="Do not rewrite DIR/parity.json.")
 def check_command(target, reference, atol, mirror, cache_dir, offline, no_write):
     """Compare a converted DIR (or NAME, converted in memory) with Paddle's own inference program."""
+    from converter import convert as pipeline
+
     report = pipeline.check(target, reference=reference, atol=atol, mirror=mirror, cache_dir=cache_dir,
                             offline=offline, write=not no_write)
     click.echo(report.table())

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from architectures.model import DET_SIZE_MULTIPLE
 from architectures.pretrained import (CONFIG_FILE, DICT_FILE, FORMAT_VERSION, FORMAT_VERSION_KEY, METADATA_KEY,
                                       WEIGHTS_FILE, load_pretrained)
-from converter import __version__, dictionaries, parity, staging
+from converter import OUTPUT_DTYPES, __version__, dictionaries, parity, staging
 from converter.errors import (DictionaryError, FamilyError, OcrconvError, OutputError, ParityError,
                               UnknownModelError)
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 PARITY_FILE = "parity.json"
 # Every file an output directory can hold: ``force`` replaces a directory only when it holds nothing else.
 OUTPUT_FILES = frozenset({WEIGHTS_FILE, CONFIG_FILE, DICT_FILE, PARITY_FILE})
-DTYPES = {"float32": torch.float32, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in OUTPUT_DTYPES}
 SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                       torch.uint8: "U8", torch.bool: "BOOL"}

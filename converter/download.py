@@ -27,15 +27,17 @@ import time
 from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-import requests
-import urllib3
 from filelock import FileLock, Timeout
 
 from converter.errors import CorruptArchiveError, DownloadError, IntegrityError, UnsafeArchiveError
 from converter.manifest import Artifact, ModelEntry, get_model
 from converter.unpack import find_model_dir, safe_extract_hashed
+
+if TYPE_CHECKING:
+    import requests
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +219,8 @@ def _fetch_once(session: requests.Session, url: str, part: Path, hasher, quiet: 
                 received: list[int]) -> int:
     """One request: resume ``part`` if it can be (see :func:`_resume_point`), stream the rest into it. Returns the
     final size; adds the bytes received to ``received[0]``."""
+    import requests
+
     offset, validator = _resume_point(part, url, trusted)
     headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
     if offset:
@@ -275,6 +279,9 @@ def download_url(url: str, dest: str | Path, *, expected_sha256: str | None = No
     HTTPStatusError on other HTTP errors, IntegrityError when ``expected_sha256`` does not match (the partial file
     is removed). ``dest`` appears only when complete.
     """
+    import requests  # imported on first download: a conversion from the cache never needs the network
+    import urllib3
+
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     retries = RETRIES if retries is None else retries

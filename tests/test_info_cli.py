@@ -116,3 +116,16 @@ def test_info_and_download_refuse_a_mirror_that_is_not_an_http_url(tmp_path):
                                            "--cache", str(tmp_path / "cache")])
         assert result.exit_code == 2 and "Invalid value for '--mirror'" in result.output, result.output
     assert not (tmp_path / "cache").exists()
+
+
+def test_the_command_line_starts_without_torch_or_requests():
+    """`ocrconv --help`, `list`, `fetch` and `info` took 1.4 s loading torch (and requests) they never use."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from converter.cli import main; "
+            "print(sorted(m for m in ('torch', 'requests', 'paddle') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
+    result = _run(str(fd.infer_tar("ch_ppocr_mobile_v2.0_cls")), "--limit", "1")
+    assert result.exit_code == 0 and "tensors:  213" in result.output
