@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 DICT_ROOT = Path(__file__).resolve().parent / "data" / "dicts"
 BLANK_INDEX = 0
 MODES = ("lines", "code_points")
+# The vendored dictionaries whose models' use_space_char flipped between PaddleOCR commits (REFERENCE.md). Every
+# other release model was trained with the space class, so for those dictionaries a reading with the space wins a
+# tie (e.g. ru_dict: a head of 127 is 125 lines + space, not 126 code points without it).
+SPACE_FLAG_VARIES = frozenset(f"ppocr/utils/dict/{lang}_dict.txt" for lang in ("french", "german", "japan", "korean"))
 
 
 @dataclass(frozen=True)
@@ -131,11 +135,13 @@ def load_vendored(name: str) -> tuple[list[str], DictionaryFile]:
     return parse_lines(data), entry
 
 
-def _candidates(lines: list[str], prefer: str) -> list[tuple[str, bool, int]]:
-    """``(mode, space, number of characters)`` for every way to read ``lines``, ``prefer``'s mode first."""
+def _candidates(lines: list[str], prefer: str, prefer_space: bool) -> list[tuple[str, bool, int]]:
+    """``(mode, space, number of characters)`` for every way to read ``lines``: ``prefer``'s mode first, and with
+    ``prefer_space`` every reading with the space class before those without it."""
     sizes = {"lines": len(lines), "code_points": sum(map(len, lines))}
     order = [prefer] + [m for m in MODES if m != prefer]
-    return [(mode, space, sizes[mode] + space) for mode in order for space in (False, True)]
+    candidates = [(mode, space, sizes[mode] + space) for mode in order for space in (False, True)]
+    return sorted(candidates, key=lambda c: not c[1]) if prefer_space else candidates
 
 
 def _characters(lines: list[str], mode: str, space: bool) -> list[str]:
@@ -143,16 +149,18 @@ def _characters(lines: list[str], mode: str, space: bool) -> list[str]:
 
 
 def resolve(lines: list[str], num_classes: int, *, source: str, sha256: str, prefer: str = "lines",
-            reverse: bool | None = None) -> ResolvedDictionary:
+            prefer_space: bool = False, reverse: bool | None = None) -> ResolvedDictionary:
     """Pick the parsing mode and space flag that give a CTC head of ``num_classes`` classes.
 
-    ``prefer`` breaks ties when both parsing modes fit with different character lists (``code_points`` for
-    2.0-era models). ``reverse`` defaults to PaddleOCR's rule (the dictionary path contains ``arabic``).
+    When several readings fit with different character lists, ``prefer_space`` (the dictionary's models were
+    always trained with the space class) picks one with the space first, then ``prefer`` (``code_points`` for
+    2.0-era models) picks the mode. ``reverse`` defaults to PaddleOCR's rule (the dictionary path contains
+    ``arabic``).
     """
     if prefer not in MODES:
         raise ValueError(f"prefer must be one of {MODES}, not {prefer!r}")
     matches = [(mode, space, _characters(lines, mode, space))
-               for mode, space, count in _candidates(lines, prefer) if count + 1 == num_classes]
+               for mode, space, count in _candidates(lines, prefer, prefer_space) if count + 1 == num_classes]
     if not matches:
         n_lines, n_points = len(lines), len("".join(lines))
         raise DictionaryError(
@@ -185,7 +193,13 @@ def resolve_for_head(dictionary: str | os.PathLike, num_classes: int, family: st
     else:
         lines, entry = load_vendored(str(dictionary))
         source, digest = entry.name, entry.sha256
-    return resolve(lines, num_classes, source=source, sha256=digest, prefer=preferred_mode(family))
+    return resolve(lines, num_classes, source=source, sha256=digest, prefer=preferred_mode(family),
+                   prefer_space=_always_with_space(source))
+
+
+def _always_with_space(source: str) -> bool:
+    """True for a vendored dictionary whose release models all have the space class (see SPACE_FLAG_VARIES)."""
+    return source in vendored() and source not in SPACE_FLAG_VARIES
 
 
 def guess_for_head(num_classes: int, family: str | None = None,
@@ -199,7 +213,8 @@ def guess_for_head(num_classes: int, family: str | None = None,
     for name in names:
         lines, entry = load_vendored(name)
         try:
-            fits.append(resolve(lines, num_classes, source=entry.name, sha256=entry.sha256, prefer=preferred_mode(family)))
+            fits.append(resolve(lines, num_classes, source=entry.name, sha256=entry.sha256,
+                                prefer=preferred_mode(family), prefer_space=_always_with_space(entry.name)))
         except DictionaryError:
             continue
     if len(fits) != 1:

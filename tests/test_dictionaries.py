@@ -174,3 +174,21 @@ def test_real_v4_rec_head_fits_ppocr_keys(real_models):
     assert len(ctc_bias) == 1
     resolved = dictionaries.resolve_for_head("ppocr_keys_v1.txt", ctc_bias[0].shape[0], "PP-OCRv4_mobile_rec")
     assert (resolved.num_classes, resolved.mode, resolved.use_space_char) == (6625, "lines", True)
+
+
+def test_a_tie_goes_to_the_reading_with_the_space_class_where_the_space_never_varied():
+    """Ten v2.0 dictionaries have a two-code-point line, so a head of L + 2 also fits "C + 1 code points without
+    space". Their models always had the space class (REFERENCE: only french / german / japan / korean flipped
+    it), so L + 2 is one class per line + space; taking the code points shifted every class after that line."""
+    tied = 0
+    for entry in dictionaries.vendored().values():
+        if entry.code_points != entry.lines + 1 or entry.name in dictionaries.SPACE_FLAG_VARIES:
+            continue
+        tied += 1
+        at_lines = dictionaries.resolve_for_head(entry.name, entry.lines + 2, "ppocr_mobile_v2.0_rec")
+        assert (at_lines.mode, at_lines.use_space_char) == ("lines", True), entry.name
+        at_points = dictionaries.resolve_for_head(entry.name, entry.code_points + 2, "ppocr_mobile_v2.0_rec")
+        assert (at_points.mode, at_points.use_space_char) == ("code_points", True), entry.name
+    assert tied == 9  # ar, be, fa, oc, rsc, uk, ka, ta (p<TAB>) and ru ("ы "); german is the tenth, flag varied
+    german = dictionaries.resolve_for_head("dict/german_dict.txt", 145, "ppocr_mobile_v2.0_rec")
+    assert (german.mode, german.use_space_char, german.alternatives) == ("code_points", False, ["lines + space"])
