@@ -160,7 +160,7 @@ def check_command(target, reference, atol, mirror, cache_dir, offline, no_write)
     report = pipeline.check(target, reference=reference, atol=atol, mirror=mirror, cache_dir=cache_dir,
                             offline=offline, write=not no_write)
     click.echo(report.table())
-    if not report.passed:
+    if pipeline.parity_failure(report.data):
         sys.exit(1)
 
 

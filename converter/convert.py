@@ -8,6 +8,7 @@ one is complete.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -548,6 +549,10 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
         replace = True
         redo_note = f"converted again: {redo_reason}"
 
+    if submodel is not None and weights.kind == "inference":
+        raise FamilyError(f"{source.name}: --submodel picks a sub-model of a trained distillation checkpoint, and "
+                          f"this is an inference model (one exported sub-model); for a manifest NAME add "
+                          f"--artifact trained")
     say(f"converting {fam} ({form} form)")
     conversion = rules.convert(weights, fam, form=form, kind=weights.kind, submodel=submodel)
     if dtype == "float16":
@@ -571,7 +576,7 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
         "form": stored_form, "dtype": dtype, "task": config["task"], "submodel": conversion.submodel.rstrip("."),
     }
     provenance = {"dropped": [[k, list(s), r] for k, s, r in conversion.dropped],
-                  "weight_file": str(getattr(weights, "source", ""))}
+                  "weight_file": str(Path(weights.source).resolve())}
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -705,12 +710,21 @@ def parity_failure(data: dict | None) -> str | None:
     return None
 
 
+def _mark_unverified(data: dict) -> None:
+    """Give a failed comparison of a trained conversion with the released weights its verdict (see
+    :func:`_released_weights_excuse`)."""
+    if _released_weights_excuse(data):
+        data["verdict"] = ("not verified: the outputs differ because the trained checkpoint's weights differ from "
+                           "the released inference model, and the checkpoint could not be run in the released "
+                           "program (see reference_weights); not counted as a conversion failure")
+
+
 def _released_weights_excuse(data: dict) -> bool:
     """True when a failed comparison ran the released weights against a trained checkpoint's different ones
     (its own weights could not be put into the program), so the failure says nothing about the conversion."""
     differ = not (data.get("weights_vs_inference") or {}).get("identical", True)
-    substituted = (data.get("reference_weights") or {}).get("substituted", False)
-    return not data.get("passed") and differ and not substituted
+    released_ran = (data.get("reference_weights") or {}).get("substituted") is False  # absent: an older record
+    return not data.get("passed") and differ and released_ran
 
 
 def compare_with_program(model: torch.nn.Module, config: Mapping, prefix: Path, program_weights, checkpoint,
@@ -731,7 +745,7 @@ def compare_with_program(model: torch.nn.Module, config: Mapping, prefix: Path, 
         plan = substitute.checkpoint_in_program(checkpoint, program_weights, family, submodel)
         described = {**plan.summary(), "checkpoint": str(checkpoint.source)}
         if plan.complete:
-            params = scratch / "checkpoint.pdiparams"
+            params = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=scratch)) / "inference.pdiparams"
             paddle_io.rewrite_params(prefix.with_suffix(".pdiparams"), program_weights.program, plan.values, params)
             owner = f"{submodel.rstrip('.')} sub-model" if submodel else "weights"
             described["weights"] = f"the trained checkpoint's {owner}, put into the released program"
@@ -828,11 +842,11 @@ def _check_with(result: ConvertResult, tmp: Path, scratch: Path, source: _Source
         data["release_submodels"] = release_submodels
     if result.weights_vs_inference is not None:
         data["weights_vs_inference"] = result.weights_vs_inference
-        if _released_weights_excuse(data):
-            data["verdict"] = ("outputs differ because the trained checkpoint's weights differ from the released "
-                               "inference model, and the checkpoint could not be run in the released program "
-                               "(see reference_weights): not verified, not counted as a conversion failure")
-    parity.ParityReport(data).write(tmp / PARITY_FILE)
+        _mark_unverified(data)
+    try:
+        parity.ParityReport(data).write(tmp / PARITY_FILE)
+    except OSError as exc:
+        raise OutputError(f"cannot write {PARITY_FILE} into the output being written for {result.out}: {exc}") from exc
     result.parity = data
     if parity_failure(data):
         result.status = "parity-failed"
@@ -894,12 +908,26 @@ def check(target: str | os.PathLike, *, reference: str | os.PathLike | None = No
         if info.get("dtype") == "float16":
             log.warning("%s holds float16 weights: the outputs also move by the float16 rounding of the weights "
                         "(see float16_weights in the parity.json written by convert)", path)
-        checkpoint = _recorded_checkpoint(info)
+        trained = info.get("artifact") == "trained"
+        checkpoint = _recorded_checkpoint(info) if trained else None
         with tempfile.TemporaryDirectory(prefix="ocrconv-check-") as scratch:
-            program_weights = paddle_io.load(reference, kind="inference") if checkpoint is not None else None
+            program_weights = paddle_io.load(reference, kind="inference") if trained else None
             report = compare_with_program(model, config, program_prefix(reference, Path(scratch)), program_weights,
                                           checkpoint, info.get("family", ""), _prefix_of(info.get("submodel")),
                                           Path(scratch), characters=characters, atol=atol)
+        if trained and not report.data["reference_weights"]["substituted"]:
+            if checkpoint is None:
+                report.data["reference_weights"].update(
+                    checkpoint=info.get("weight_file"),
+                    weights="the program's own (released) weights: the trained checkpoint this output was made from "
+                            "is not available unchanged (see config.json's weight_file and source_sha256)")
+            deploy = model
+            if info.get("form") == "train":
+                deploy = copy.deepcopy(model)
+                deploy.reparameterize()
+            released = rules.convert(program_weights, info.get("family", ""), kind="inference")
+            report.data["weights_vs_inference"] = parity.compare_state_dicts(deploy.state_dict(), released.state_dict)
+            _mark_unverified(report.data)
         if write:
             report.write(path / PARITY_FILE)
         return report
@@ -943,8 +971,13 @@ def _recorded_checkpoint(info: dict):
         log.warning("the trained checkpoint %s is not there any more: comparing with the released weights",
                     weight_file)
         return None
-    checkpoint = paddle_io.load(weight_file, kind="trained")
-    if checkpoint.sha256 != info.get("source_sha256"):
+    try:  # the recorded file may be a .tar: the digest is the checkpoint's inside it
+        checkpoint = paddle_io.load(weight_file, kind="trained")
+        same = checkpoint.sha256 == info.get("source_sha256")
+    except OcrconvError as exc:
+        checkpoint, same = None, False
+        log.debug("%s: %s", weight_file, exc)
+    if not same:
         log.warning("%s changed since the conversion: comparing with the released weights", weight_file)
         return None
     return checkpoint

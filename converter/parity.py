@@ -327,6 +327,8 @@ class ParityReport:
         substitution = reference_weights_line(self.data)
         if substitution:
             lines.append(substitution)
+        if self.data.get("verdict"):
+            lines.append(f"verdict: {self.data['verdict']}")
         weights = self.data.get("weights_vs_inference")
         if weights:
             lines.append(f"trained vs released inference weights: {weights['summary']}")
@@ -338,10 +340,13 @@ def reference_weights_line(data: Mapping) -> str | None:
     substitution = data.get("reference_weights") or {}
     if "checkpoint" not in substitution:
         return None
-    detail = (substitution["found"] if substitution["substituted"] else
-              f"{substitution['unresolved_count']} program parameter(s) not in it, e.g. "
-              + "; ".join(substitution["unresolved"][:3]))
-    return f"reference weights: {substitution['weights']} ({detail})"
+    detail = ""
+    if substitution["substituted"]:
+        detail = f" ({substitution['found']})"
+    elif substitution.get("unresolved"):
+        detail = (f" ({substitution['unresolved_count']} program parameter(s) not in it, e.g. "
+                  + "; ".join(substitution["unresolved"][:3]) + ")")
+    return f"reference weights: {substitution['weights']}{detail}"
 
 
 def _fmt(value: float | None) -> str:

@@ -79,6 +79,8 @@ def checkpoint_in_program(checkpoint: Mapping[str, np.ndarray], program_weights,
                                      + (f" or {submodel}{public}" if public != name else "") + " in the checkpoint")
             continue
         value = np.asarray(value)
+        if value.dtype != stored.dtype and value.dtype.kind == stored.dtype.kind == "f":
+            value = value.astype(stored.dtype)  # a float16 / float64 checkpoint, in the program's float type
         if value.shape != stored.shape or value.dtype != stored.dtype:
             result.unresolved.append(f"{name} {list(stored.shape)} {stored.dtype.name}: the checkpoint has "
                                      f"{list(value.shape)} {value.dtype.name}")

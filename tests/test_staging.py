@@ -28,12 +28,16 @@ def test_a_killed_conversion_s_temp_directory_is_removed_by_the_next_one(tmp_pat
     out = tmp_path / "cls"
     stale = _left_by_a_killed_process(out, "tmp")
     running = staging.make_dir(out, "tmp")  # this process is alive: e.g. a parallel batch worker
-    elsewhere = tmp_path / f".cls.tmp-otherhost-{os.getpid() + 1}-abc"  # another host's, on a shared disk
+    elsewhere = tmp_path / f".cls.tmp-otherhost-0-{os.getpid() + 1}-abc"  # another host's, on a shared disk
     elsewhere.mkdir()
+    # same host name, another pid namespace (a container sharing the volume): its pids mean nothing here
+    host = stale.name.split("-")[1]
+    other_space = tmp_path / f".cls.tmp-{host}-00000000-{stale.name.split('-')[3]}-abc"
+    other_space.mkdir()
     assert stale.name.startswith(".cls.tmp-") and stale.is_dir()
 
     pipeline.convert(fixture_data.infer_tar(CLS), out=out, check=False)
-    assert not stale.exists() and running.is_dir() and elsewhere.is_dir()
+    assert not stale.exists() and running.is_dir() and elsewhere.is_dir() and other_space.is_dir()
     assert (out / "model.safetensors").is_file()
 
 

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 import fixture_data
 from converter import convert as pipeline, paddle_io, parity, rules, substitute
 from converter.cli import main
-from converter.errors import OutputError
+from converter.errors import FamilyError, OutputError
 from converter.manifest import get_model
 
 CLS = "ch_ppocr_mobile_v2.0_cls"
@@ -31,13 +31,15 @@ def _family(row: str) -> str:
     return get_model(row).family
 
 
-def _perturbed_checkpoint(row: str, path: Path, scale: float = 0.05, seed: int = 0) -> Path:
-    """The row's trained checkpoint with every conv / linear weight changed by ~``scale`` (another "epoch")."""
+def _perturbed_checkpoint(row: str, path: Path, scale: float = 0.05, seed: int = 0, dtype: str = "float32") -> Path:
+    """The row's trained checkpoint with every conv / linear weight changed by ~``scale`` (another "epoch"),
+    its float32 arrays stored as ``dtype``."""
     rng = np.random.RandomState(seed)
     arrays = {key: np.array(value) for key, value in paddle_io.load(fixture_data.train_tar(row)).items()}
     for key, array in arrays.items():
         if array.dtype == np.float32 and array.ndim >= 2:
-            arrays[key] = (array * (1 + scale * rng.standard_normal(array.shape))).astype(np.float32)
+            array = (array * (1 + scale * rng.standard_normal(array.shape))).astype(np.float32)
+        arrays[key] = array.astype(dtype) if array.dtype == np.float32 else array
     with open(path, "wb") as f:
         pickle.dump({**arrays, "StructuredToParameterName@@": {k: k for k in arrays}}, f, protocol=4)
     return path
@@ -131,7 +133,21 @@ def test_a_failure_is_excused_only_when_the_released_weights_ran():
     failed = {"passed": False, "max_abs_diff": 0.3, "weights_vs_inference": {"identical": False}}
     assert pipeline.parity_failure({**failed, "reference_weights": {"substituted": False}}) is None
     assert pipeline.parity_failure({**failed, "reference_weights": {"substituted": True}})
-    assert pipeline.parity_failure({**failed, "weights_vs_inference": {"identical": True}})
+    assert pipeline.parity_failure({**failed, "weights_vs_inference": {"identical": True},
+                                    "reference_weights": {"substituted": False}})
+    # a record written before substitution existed: a batch converts and checks it again
+    assert pipeline.parity_failure(failed)
+
+
+def test_float16_and_float64_checkpoints_are_put_in_as_the_program_s_float32(tmp_path):
+    trained, inference = paddle_io.load(fixture_data.train_tar(CLS)), paddle_io.load(fixture_data.infer_tar(CLS))
+    by_var = {var: name for name, var in inference.param_names.items()}
+    for dtype in (np.float16, np.float64):
+        cast = {key: value.astype(dtype) if value.dtype == np.float32 else value for key, value in trained.items()}
+        plan = substitute.checkpoint_in_program(cast, inference, CLS_FAMILY)
+        assert plan.complete
+        assert all(v.dtype == np.float32 and np.array_equal(v, cast[by_var[var]].astype(np.float32))
+                   for var, v in plan.values.items())
 
 
 # ------------------------------------------------------------------------------------------- with Paddle
@@ -154,21 +170,55 @@ def test_checkpoint_of_another_epoch_is_verified_in_the_released_program(tmp_pat
 
 
 @pytest.mark.paddle
-def test_a_wrong_trained_mapping_fails_although_the_weights_differ_from_the_release(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+def test_a_wrong_trained_mapping_fails_although_the_weights_differ_from_the_release(tmp_path, monkeypatch, dtype):
     """The review's case: a mapping bug on a trained checkpoint whose weights are not the release's was excused
-    ("information, not a conversion failure") and exited 0."""
+    ("information, not a conversion failure") and exited 0; also when the checkpoint is stored in float16 or
+    float64 (their arrays were first taken for missing parameters)."""
     def wrong_bn_scale(state, ctx):
         state["backbone.conv1.bn.weight"] = state["backbone.conv1.bn.weight"] * 1.5
         return state
 
     broken = dataclasses.replace(rules.RULES[CLS_FAMILY], transforms=(wrong_bn_scale,))
     monkeypatch.setitem(rules.RULES, CLS_FAMILY, broken)
-    checkpoint = _perturbed_checkpoint(CLS, tmp_path / "best_accuracy.pdparams")
+    checkpoint = _perturbed_checkpoint(CLS, tmp_path / "best_accuracy.pdparams", dtype=dtype)
     result = pipeline.convert(checkpoint, out=tmp_path / "out", family=CLS_FAMILY,
                               reference=fixture_data.infer_tar(CLS))
     data = json.loads((result.out / "parity.json").read_text())
     assert data["reference_weights"]["substituted"] and not data["passed"]
     assert result.status == "parity-failed" and "beyond the tolerance" in pipeline.parity_failure(data)
+
+
+@pytest.mark.paddle
+def test_check_dir_finds_the_recorded_checkpoint_from_any_working_directory(tmp_path, monkeypatch):
+    """The checkpoint path was recorded as given (relative): `check DIR` from elsewhere lost it, or read another
+    best_accuracy.pdparams of the current directory."""
+    (tmp_path / "model").mkdir()
+    monkeypatch.chdir(tmp_path / "model")
+    _perturbed_checkpoint(CLS, Path("best_accuracy.pdparams"))
+    pipeline.convert("best_accuracy.pdparams", out=tmp_path / "out", family=CLS_FAMILY,
+                     reference=fixture_data.infer_tar(CLS))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    _perturbed_checkpoint(CLS, Path("best_accuracy.pdparams"), seed=1)  # another file of that name here
+    report = pipeline.check(tmp_path / "out", reference=fixture_data.infer_tar(CLS))
+    assert report.passed and report.data["reference_weights"]["substituted"]
+
+
+@pytest.mark.paddle
+def test_check_dir_without_the_checkpoint_says_not_verified_instead_of_failing(tmp_path):
+    """The checkpoint of a trained output moved away: `check` compared the released weights, exited 1 and
+    rewrote a good parity.json as a plain failure."""
+    checkpoint = _perturbed_checkpoint(CLS, tmp_path / "best_accuracy.pdparams")
+    out = tmp_path / "out"
+    pipeline.convert(checkpoint, out=out, family=CLS_FAMILY, reference=fixture_data.infer_tar(CLS))
+    checkpoint.rename(tmp_path / "moved.pdparams")
+    res = CliRunner().invoke(main, ["check", str(out), "--reference", str(fixture_data.infer_tar(CLS))])
+    assert res.exit_code == 0, res.output
+    assert "verdict: not verified" in res.output and "is not available unchanged" in res.output
+    data = json.loads((out / "parity.json").read_text())
+    assert not data["passed"] and not data["weights_vs_inference"]["identical"]
+    assert pipeline.parity_failure(data) is None and data["verdict"].startswith("not verified")
 
 
 @pytest.mark.paddle
@@ -185,7 +235,7 @@ def test_without_every_program_parameter_the_released_weights_run_and_say_so(tmp
     weights = report.data["reference_weights"]
     assert not weights["substituted"] and weights["submodel"] == "Teacher" and weights["unresolved_count"] > 0
     assert "released" in parity.reference_weights_line(report.data)
-    assert not (tmp_path / "checkpoint.pdiparams").exists()
+    assert not any(tmp_path.glob("checkpoint-*"))
 
 
 @pytest.mark.paddle
@@ -235,6 +285,16 @@ def test_default_conversion_says_the_release_holds_the_converted_student(tmp_pat
         in result.notes
 
 
+def test_submodel_names_are_matched_without_case_and_plain_keys_must_exist():
+    trained = paddle_io.load(fixture_data.train_tar(V3_DET))
+    assert rules.select_submodel(trained, "PP-OCRv3_det", "student2") == "Student2."
+    with pytest.raises(FamilyError, match=r"no un-prefixed keys, only sub-models \['Student', 'Student2', "
+                                          r"'Teacher'\]"):
+        rules.select_submodel(trained, "PP-OCRv3_det", "")
+    with pytest.raises(FamilyError, match=r"'Pupil' cannot be converted \(not a sub-model of this family\)"):
+        rules.select_submodel(trained, "PP-OCRv3_det", "Pupil")
+
+
 def test_submodel_option_errors(tmp_path):
     runner = CliRunner()
     res = runner.invoke(main, ["convert", str(fixture_data.train_tar(V3_DET)), "--out", str(tmp_path / "x"),
@@ -245,7 +305,7 @@ def test_submodel_option_errors(tmp_path):
     assert res.exit_code == 2 and "--submodel apply to a single NAME|PATH" in res.output
     res = runner.invoke(main, ["convert", str(fixture_data.infer_tar(V3_DET)), "--out", str(tmp_path / "y"),
                                "--submodel", "Student2", "--no-check"])
-    assert res.exit_code != 0 and "the weights have no sub-model 'Student2'" in res.output
+    assert res.exit_code != 0 and "this is an inference model (one exported sub-model)" in res.output
 
 
 def test_an_output_of_another_submodel_is_not_up_to_date(tmp_path):

@@ -239,13 +239,22 @@ def _select_prefix(keys: list[str], rules: FamilyRules, submodel: str | None) ->
     present = sorted({p for p in known if any(k.startswith(p) for k in keys)})
     if submodel is not None:
         wanted = submodel if submodel.endswith(".") or submodel == "" else submodel + "."
-        if wanted not in rules.selectable():
-            raise FamilyError(
-                f"{rules.family}: sub-model {submodel!r} cannot be converted (its architecture is not known "
-                f"to ocrconv); selectable: {[p.rstrip('.') for p in rules.selectable() if p]}")
+        selectable = [p for p in rules.selectable() if p]
+        if wanted and wanted not in selectable:  # "student2" for "Student2."
+            wanted = next((p for p in selectable if p.lower() == wanted.lower()), wanted)
+        names = [p.rstrip(".") for p in selectable]
+        if wanted and wanted not in selectable:
+            why = ("its architecture is not known to ocrconv" if wanted in rules.foreign_prefixes
+                   else "not a sub-model of this family")
+            raise FamilyError(f"{rules.family}: sub-model {submodel!r} cannot be converted ({why}); "
+                              f"selectable: {names or 'none'}")
+        present_names = [p.rstrip('.') for p in present] or "none"
         if wanted and wanted not in present:
             raise FamilyError(f"{rules.family}: the weights have no sub-model {submodel!r} "
-                              f"(sub-model prefixes present: {[p.rstrip('.') for p in present] or 'none'})")
+                              f"(sub-model prefixes present: {present_names})")
+        if not wanted and keys and all(k.startswith(known) for k in keys):
+            raise FamilyError(f"{rules.family}: the weights have no un-prefixed keys, only sub-models "
+                              f"{present_names}; choose one of them")
         return wanted
     for prefix in rules.prefixes:
         if prefix == "":
