@@ -136,13 +136,15 @@ def test_fpn_sums_and_concatenation_without_upsampled_temporaries(memory_format)
     expected_sum = lateral + F.interpolate(top, scale_factor=2, mode="nearest")
     with torch.no_grad():
         summed = add_upsampled(lateral, top, in_place=True)
-        pyramid = concat_pyramid(*levels)
+        pyramid = concat_pyramid(*levels, fast=True)
+        plain = concat_pyramid(*levels, fast=False)  # what tracers and the ONNX exporter see
     assert summed.data_ptr() == lateral.data_ptr()
     torch.testing.assert_close(summed, expected_sum, rtol=0, atol=0)
     assert add_upsampled(levels[0], top, in_place=False).data_ptr() != levels[0].data_ptr()
     expected = torch.cat([F.interpolate(levels[3], scale_factor=8), F.interpolate(levels[2], scale_factor=4),
                           F.interpolate(levels[1], scale_factor=2), levels[0]], dim=1)
     torch.testing.assert_close(pyramid, expected, rtol=0, atol=0)
+    torch.testing.assert_close(plain, expected, rtol=0, atol=0)
     assert pyramid.is_contiguous(memory_format=memory_format)
 
 

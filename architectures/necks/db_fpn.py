@@ -32,9 +32,13 @@ def fuse_top_down(ins: list[torch.Tensor], in_place: bool) -> list[torch.Tensor]
     return [out2, out3, out4, in5]
 
 
-def concat_pyramid(p2, p3, p4, p5) -> torch.Tensor:
-    """Upsample p5/p4/p3 to p2's size (x8, x4, x2) and concatenate as [p5, p4, p3, p2], written straight into the
-    result (in p2's memory format) without intermediate upsampled maps."""
+def concat_pyramid(p2, p3, p4, p5, fast: bool) -> torch.Tensor:
+    """Upsample p5/p4/p3 to p2's size (x8, x4, x2) and concatenate as [p5, p4, p3, p2]. With ``fast`` (the caller's
+    inference fast path) written straight into the result (in p2's memory format) without intermediate upsampled
+    maps; otherwise with plain operations, which tracers and exporters (ONNX) follow: they do not see writes into
+    views of a fresh tensor."""
+    if not fast:
+        return torch.cat([upsample(p5, 8), upsample(p4, 4), upsample(p3, 2), p2], dim=1)
     n, c, h, w = p2.shape
     channels_last = p2.is_contiguous(memory_format=torch.channels_last) and not p2.is_contiguous()
     out = torch.empty((n, 4 * c, h, w), dtype=p2.dtype, device=p2.device,
@@ -62,7 +66,7 @@ class DBFPN(nn.Module):
         out2, out3, out4, in5 = fuse_top_down([conv2d(c2, self.in2_conv, fast), conv2d(c3, self.in3_conv, fast),
                                                conv2d(c4, self.in4_conv, fast), conv2d(c5, self.in5_conv, fast)], fast)
         return concat_pyramid(conv2d(out2, self.p2_conv, fast), conv2d(out3, self.p3_conv, fast),
-                              conv2d(out4, self.p4_conv, fast), conv2d(in5, self.p5_conv, fast))
+                              conv2d(out4, self.p4_conv, fast), conv2d(in5, self.p5_conv, fast), fast)
 
 
 class RSELayer(nn.Module):
@@ -91,7 +95,7 @@ class RSEFPN(nn.Module):
         self.inp_conv = nn.ModuleList([RSELayer(out_channels, out_channels // 4, 3, shortcut) for _ in in_channels])
 
     def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
-        out2, out3, out4, in5 = fuse_top_down([conv(c) for conv, c in zip(self.ins_conv, x)],
-                                              inference_fast_path(self))
+        fast = inference_fast_path(self)
+        out2, out3, out4, in5 = fuse_top_down([conv(c) for conv, c in zip(self.ins_conv, x)], fast)
         return concat_pyramid(self.inp_conv[0](out2), self.inp_conv[1](out3), self.inp_conv[2](out4),
-                              self.inp_conv[3](in5))
+                              self.inp_conv[3](in5), fast)

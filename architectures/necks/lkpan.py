@@ -136,4 +136,4 @@ class LKPAN(nn.Module):
             p3 = self.incl2(p3)
             p2 = self.incl1(p2)
 
-        return concat_pyramid(p2, p3, p4, p5)
+        return concat_pyramid(p2, p3, p4, p5, fast)
