@@ -49,3 +49,7 @@ def _register() -> None:
 
 
 _register()
+
+
+if __name__ == "__main__":  # python -m converter.cli
+    main()

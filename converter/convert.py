@@ -266,7 +266,7 @@ def _resolve_dictionary(source: _Source, family: str, num_classes: int, dictiona
     if dictionary:
         return dictionaries.resolve_for_head(dictionary, num_classes, family)
     if source.entry is not None and getattr(source.entry, "dict", None):
-        resolved = dictionaries.resolve_for_head(source.entry.dict, num_classes, family)
+        resolved = dictionaries.resolve_for_head(source.entry.dict, num_classes, family, vendored_only=True)
         expected = getattr(source.entry, "dict_sha256", None)
         if expected and expected != resolved.sha256:
             raise DictionaryError(f"{source.entry.name}: the manifest records dictionary {source.entry.dict} with "
@@ -392,25 +392,27 @@ def _commit(tmp: Path, out: Path, replace: bool) -> None:
         raise OutputError(f"{out} appeared while converting; not overwritten (use --force)")
     check_replaceable(out)
     try:
-        old = staging.make_dir(out, "old")
+        aside = staging.Staged(out, "old")
     except OSError as exc:
         raise OutputError(f"cannot replace {out}: {exc}") from exc
-    try:
-        os.replace(out, old / out.name)
-    except OSError as exc:
-        old.rmdir()
-        raise OutputError(f"cannot move the old output {out} aside: {exc}") from exc
-    try:
-        os.replace(tmp, out)
-    except OSError as exc:
+    with aside:
+        old = aside.path
         try:
-            os.replace(old / out.name, out)
-        except OSError:
-            raise OutputError(f"cannot move the converted model into {out} ({exc}), nor the old output back: it "
-                              f"is in {old / out.name}") from exc
-        old.rmdir()
-        raise OutputError(f"cannot move the converted model into {out}: {exc}") from exc
-    shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old / out.name)
+        except OSError as exc:
+            old.rmdir()
+            raise OutputError(f"cannot move the old output {out} aside: {exc}") from exc
+        try:
+            os.replace(tmp, out)
+        except OSError as exc:
+            try:
+                os.replace(old / out.name, out)
+            except OSError:
+                raise OutputError(f"cannot move the converted model into {out} ({exc}), nor the old output back: "
+                                  f"it is in {old / out.name}") from exc
+            old.rmdir()
+            raise OutputError(f"cannot move the converted model into {out}: {exc}") from exc
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _is_working_directory(path: Path) -> bool:
@@ -582,9 +584,10 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
         out.parent.mkdir(parents=True, exist_ok=True)
         # a killed run's "old" sibling holds the only copy of the previous output until the swap completed
         staging.remove_stale(out, ("tmp", "old") if out.exists() else ("tmp",))
-        tmp = staging.make_dir(out, "tmp")
+        staged = staging.Staged(out, "tmp")
     except OSError as exc:
         raise OutputError(f"cannot create the output directory {out}: {exc}") from exc
+    tmp = staged.path
     try:
         _set_default_mode(tmp, 0o777)
         say(f"writing {out}")
@@ -602,6 +605,8 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        staged.release()
     result.seconds = round(time.perf_counter() - start, 3)
     return result
 
@@ -985,9 +990,11 @@ def _recorded_checkpoint(info: dict):
 
 def _reference_for_output(info: dict, mirror, cache_dir, offline) -> Path:
     """The inference model a converted directory came from (its recorded local file, or its manifest row)."""
-    weight_file = info.get("weight_file")
-    if info.get("artifact") == "inference" and weight_file and Path(weight_file).exists():
-        return Path(weight_file)
+    weight_file = Path(info.get("weight_file") or "")
+    # an inference model read from a directory is recorded as its program prefix (``.../inference``)
+    if info.get("artifact") == "inference" and info.get("weight_file") and (
+            weight_file.exists() or weight_file.with_name(weight_file.name + ".pdmodel").is_file()):
+        return weight_file
     from converter import download
 
     try:

@@ -184,22 +184,25 @@ def preferred_mode(family: str | None) -> str:
     return "code_points" if family and "v2.0" in family else "lines"
 
 
-def resolve_for_head(dictionary: str | os.PathLike, num_classes: int, family: str | None = None) -> ResolvedDictionary:
-    """Resolve a vendored dictionary name or a local dictionary file against a head size."""
+def resolve_for_head(dictionary: str | os.PathLike, num_classes: int, family: str | None = None, *,
+                     vendored_only: bool = False) -> ResolvedDictionary:
+    """Resolve a local dictionary file or a vendored dictionary name against a head size (``vendored_only``: the
+    name is never taken for a path, as for a manifest row's dictionary)."""
     path = Path(dictionary)
-    if path.is_file():
+    if not vendored_only and path.is_file():
         data = path.read_bytes()
         lines, source, digest = parse_lines(data), str(path), hashlib.sha256(data).hexdigest()
     else:
         lines, entry = load_vendored(str(dictionary))
         source, digest = entry.name, entry.sha256
     return resolve(lines, num_classes, source=source, sha256=digest, prefer=preferred_mode(family),
-                   prefer_space=_always_with_space(source))
+                   prefer_space=_always_with_space(digest))
 
 
-def _always_with_space(source: str) -> bool:
-    """True for a vendored dictionary whose release models all have the space class (see SPACE_FLAG_VARIES)."""
-    return source in vendored() and source not in SPACE_FLAG_VARIES
+def _always_with_space(sha256: str) -> bool:
+    """True for the bytes of a vendored dictionary whose release models all have the space class (see
+    SPACE_FLAG_VARIES), whatever the file is called."""
+    return any(entry.sha256 == sha256 and name not in SPACE_FLAG_VARIES for name, entry in vendored().items())
 
 
 def guess_for_head(num_classes: int, family: str | None = None,
@@ -214,7 +217,7 @@ def guess_for_head(num_classes: int, family: str | None = None,
         lines, entry = load_vendored(name)
         try:
             fits.append(resolve(lines, num_classes, source=entry.name, sha256=entry.sha256,
-                                prefer=preferred_mode(family), prefer_space=_always_with_space(entry.name)))
+                                prefer=preferred_mode(family), prefer_space=_always_with_space(entry.sha256)))
         except DictionaryError:
             continue
     if len(fits) != 1:

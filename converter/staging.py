@@ -1,15 +1,14 @@
 """Temporary siblings of an output being written, and the removal of those a killed process left behind.
 
-An output directory (a conversion, an unpacked archive) is written under a hidden sibling and renamed into place,
-so it is never half-written. A process killed meanwhile (SIGKILL, power loss) leaves that sibling. Its name,
-``.<name>.<role>-<host>-<space>-<pid>-<random>``, says who made it: ``space`` tells this boot's pid namespace
-apart from others (containers sharing a volume and a host name). The next run for the same output removes the
-ones whose process no longer runs in its own host and pid space; siblings made elsewhere are left alone.
+An output directory (a conversion, an unpacked archive) is written under a hidden sibling
+``.<name>.<role>-<host>-<pid>-<random>`` and renamed into place, so it is never half-written. The process working in
+a sibling holds an exclusive ``flock`` on it, which the kernel drops when the process ends however it ends (killed,
+power loss, a container stopped), in whatever pid namespace it ran. The next run for the same output removes this
+host's siblings whose lock it can take. Siblings another host named are left alone: a shared file system may not
+share locks. Without ``fcntl`` (Windows) nothing is removed.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import logging
 import os
 import re
@@ -19,49 +18,73 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: stale siblings are never taken for free
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
 
-@functools.lru_cache(maxsize=1)
-def _origin() -> str:
-    """``<host>-<space>``: the host name, and a digest of this boot and pid namespace ("0" where unknown)."""
-    host = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname()) or "host"
+
+
+def _locked(path: Path) -> int | None:
+    """A descriptor of the directory ``path`` holding its exclusive lock, or None when another holds it (or locks
+    cannot be taken here)."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        identity = Path("/proc/sys/kernel/random/boot_id").read_text().strip() + os.readlink("/proc/self/ns/pid")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        return f"{host}-0"
-    return f"{host}-{hashlib.sha256(identity.encode()).hexdigest()[:8]}"
+        os.close(fd)
+        return None
+    return fd
 
 
-def make_dir(target: Path, role: str) -> Path:
-    """A new, empty hidden directory beside ``target`` for ``role`` (e.g. "tmp", "old"), marked with this process."""
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{role}-{_origin()}-{os.getpid()}-", dir=target.parent))
+class Staged:
+    """A new, empty hidden directory beside ``target`` for ``role`` (e.g. "tmp", "old"), locked by this process
+    until :meth:`release` (or the end of a ``with`` block). The caller moves it into place or removes it."""
 
+    def __init__(self, target: Path, role: str):
+        self.path = Path(tempfile.mkdtemp(prefix=f".{target.name}.{role}-{_host()}-{os.getpid()}-",
+                                          dir=target.parent))
+        self._fd = _locked(self.path)
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):  # another user's process; a number no pid can be
-        return True
-    return True
+    def release(self) -> None:
+        """Drop the lock (the directory itself is left as it is)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> Staged:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def remove_stale(target: Path, roles: Iterable[str]) -> list[Path]:
-    """Remove the siblings of ``target`` of the given roles that a process of this host made and that process is
-    gone; returns what was removed."""
+    """Remove the siblings of ``target`` of the given roles that this host made and no process holds any more;
+    returns what was removed."""
     roles = tuple(roles)
     if not roles or not target.parent.is_dir():
         return []
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?:{'|'.join(map(re.escape, roles))})-"
-                         rf"{re.escape(_origin())}-(\d+)-")
+                         rf"{re.escape(_host())}-\d+-")
     removed = []
     for entry in target.parent.iterdir():
-        match = pattern.match(entry.name)
-        if match and int(match[1]) != os.getpid() and not _running(int(match[1])) \
-                and entry.is_dir() and not entry.is_symlink():
+        if not pattern.match(entry.name) or entry.is_symlink() or not entry.is_dir():
+            continue
+        fd = _locked(entry)
+        if fd is None:  # a live process works in it
+            continue
+        try:
             shutil.rmtree(entry, ignore_errors=True)
-            log.info("removed %s, left by a process that was stopped while writing %s", entry, target)
-            removed.append(entry)
+        finally:
+            os.close(fd)
+        log.info("removed %s, left by a process that was stopped while writing %s", entry, target)
+        removed.append(entry)
     return removed

@@ -104,18 +104,19 @@ def safe_extract_hashed(tar: str | Path, dest: str | Path, *, max_members: int =
     with tf:
         plan = _plan(tar, _read_members(tar, tf, max_members), max_total_bytes)
         staging.remove_stale(dest, ("partial", "old"))
-        tmp = staging.make_dir(dest, "partial")
-        digests: dict[str, str] = {}
-        try:
-            for member, rel in plan:
-                target = tmp.joinpath(*rel.parts)
-                _make_dirs(tar, member, target if member.isdir() else target.parent)
-                if member.isreg():
-                    digests[rel.as_posix()] = _copy_member(tar, tf, member, target)
-            _replace_dir(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        with staging.Staged(dest, "partial") as staged:
+            tmp = staged.path
+            digests: dict[str, str] = {}
+            try:
+                for member, rel in plan:
+                    target = tmp.joinpath(*rel.parts)
+                    _make_dirs(tar, member, target if member.isdir() else target.parent)
+                    if member.isreg():
+                        digests[rel.as_posix()] = _copy_member(tar, tf, member, target)
+                _replace_dir(tmp, dest)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     log.info("extracted %s -> %s (%d entries)", tar.name, dest, len(plan))
     return dest, digests
 
@@ -215,13 +216,13 @@ def _copy_member(tar: Path, tf: tarfile.TarFile, member: tarfile.TarInfo, target
 
 def _replace_dir(tmp: Path, dest: Path) -> None:
     """Move the finished ``tmp`` to ``dest``; an existing ``dest`` is moved aside first, then removed."""
-    old = None
-    if dest.exists() or dest.is_symlink():
-        old = staging.make_dir(dest, "old")
-        os.replace(dest, old / "x")
-    os.replace(tmp, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if not (dest.exists() or dest.is_symlink()):
+        os.replace(tmp, dest)
+        return
+    with staging.Staged(dest, "old") as aside:
+        os.replace(dest, aside.path / "x")
+        os.replace(tmp, dest)
+        shutil.rmtree(aside.path, ignore_errors=True)
 
 
 def find_model_dir(root: str | Path) -> Path:

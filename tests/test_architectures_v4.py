@@ -276,6 +276,21 @@ def test_lkpan_applies_intracl_blocks_and_rejects_lite_mode():
         LKPAN([8, 16, 24, 32], 32, mode="lite")
 
 
+def test_lkpan_takes_channels_last_maps_with_gradients_and_in_training():
+    """Its blocked NCHW copy (an inference fast path) ran on every call: with channels-last maps and gradients on
+    (fine-tuning, or exporting to ONNX) it raised "a view was created in no_grad mode and is being modified"."""
+    torch.manual_seed(4)
+    neck = randomize_batch_norms(LKPAN([8, 16, 24, 32], 32, intracl=True)).eval()
+    feats = [torch.rand(1, c, 32 // 2 ** i, 32 // 2 ** i) for i, c in enumerate([8, 16, 24, 32])]
+    last = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+    with torch.no_grad():
+        expected = neck(feats)
+    torch.testing.assert_close(neck(last), expected, rtol=1e-5, atol=1e-5)
+    neck.train()
+    neck(last).sum().backward()
+    assert neck.inp_conv[0].weight.grad is not None
+
+
 def test_intracl_block_kernels():
     block = IntraCLBlock(16, reduce_factor=2)
     shapes = {n: tuple(m.weight.shape) for n, m in block.named_children() if isinstance(m, nn.Conv2d)}

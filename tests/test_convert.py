@@ -601,6 +601,21 @@ def test_inference_prefix_path_converts(tmp_path):
     assert (result.name, result.family) == (CLS, CLS_FAMILY)
 
 
+@pytest.mark.paddle
+def test_check_of_an_output_from_a_local_directory_uses_that_directory(tmp_path, monkeypatch):
+    """The directory's program prefix (``.../inference``) is recorded, which is no file: `check DIR` went to the
+    manifest row of the same name (a download; offline an error) instead of the model it was converted from."""
+    import tarfile
+
+    with tarfile.open(fixture_data.infer_tar(CLS)) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    folder = next((tmp_path / "unpacked").rglob("inference.pdmodel")).parent
+    pipeline.convert(folder, out=tmp_path / "out", check=False)
+    monkeypatch.setenv("OCRCONV_CACHE", str(tmp_path / "empty-cache"))
+    report = pipeline.check(tmp_path / "out", offline=True)
+    assert report.passed and report.data["reference_program"].startswith(str(folder))
+
+
 def test_output_path_below_a_file_is_an_error_not_a_traceback(tmp_path):
     (tmp_path / "afile").write_text("x")
     res = CliRunner().invoke(main, ["convert", str(fixture_data.infer_tar(CLS)), "--out",

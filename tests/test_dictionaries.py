@@ -192,3 +192,20 @@ def test_a_tie_goes_to_the_reading_with_the_space_class_where_the_space_never_va
     assert tied == 9  # ar, be, fa, oc, rsc, uk, ka, ta (p<TAB>) and ru ("ы "); german is the tenth, flag varied
     german = dictionaries.resolve_for_head("dict/german_dict.txt", 145, "ppocr_mobile_v2.0_rec")
     assert (german.mode, german.use_space_char, german.alternatives) == ("code_points", False, ["lines + space"])
+
+
+def test_the_reading_depends_on_the_bytes_not_on_the_name(tmp_path, monkeypatch):
+    """A local copy of ru_dict.txt (``--dict ./ru_dict.txt``) was read another way than the vendored name, and a
+    file ``dict/ru_dict.txt`` under the working directory shadowed a manifest row's dictionary."""
+    lines, entry = dictionaries.load_vendored("dict/ru_dict.txt")
+    copy = tmp_path / "dict" / "ru_dict.txt"
+    copy.parent.mkdir()
+    copy.write_bytes(entry.path.read_bytes())
+    by_name = dictionaries.resolve_for_head("ru_dict", 127, "ppocr_mobile_v2.0_rec")
+    by_path = dictionaries.resolve_for_head(copy, 127, "ppocr_mobile_v2.0_rec")
+    assert (by_path.mode, by_path.use_space_char, by_path.characters) == \
+        (by_name.mode, by_name.use_space_char, by_name.characters) == ("lines", True, by_name.characters)
+    copy.write_text("x\n" * 125, encoding="utf-8")  # another file in the working directory, same relative name
+    monkeypatch.chdir(tmp_path)
+    row = dictionaries.resolve_for_head("dict/ru_dict.txt", 127, "ppocr_mobile_v2.0_rec", vendored_only=True)
+    assert row.source == entry.name and row.characters == by_name.characters

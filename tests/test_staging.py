@@ -1,5 +1,5 @@
 """Hidden siblings a killed run leaves next to an output are removed by the next run for that output, and only
-those: a running process's, another host's, and the only copy of a previous output stay."""
+those: a live process's (whatever its pid namespace), another host's, and the only copy of a previous output stay."""
 from __future__ import annotations
 
 import os
@@ -12,33 +12,51 @@ from converter import convert as pipeline, staging
 from converter.unpack import safe_extract
 
 CLS = "ch_ppocr_mobile_v2.0_cls"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _left_by_a_killed_process(target: Path, role: str, content: str = "half-written") -> Path:
     """A sibling made by another process that is gone by now (as a run killed while writing leaves it)."""
     code = ("import sys; from pathlib import Path; from converter import staging; "
-            "d = staging.make_dir(Path(sys.argv[1]), sys.argv[2]); (d / 'model.safetensors').write_text(sys.argv[3]); "
-            "print(d)")
+            "d = staging.Staged(Path(sys.argv[1]), sys.argv[2]).path; "
+            "(d / 'model.safetensors').write_text(sys.argv[3]); print(d)")
     made = subprocess.run([sys.executable, "-c", code, str(target), role, content], capture_output=True, text=True,
-                          check=True, cwd=Path(__file__).resolve().parents[1])
+                          check=True, cwd=REPO)
     return Path(made.stdout.strip())
 
 
 def test_a_killed_conversion_s_temp_directory_is_removed_by_the_next_one(tmp_path):
     out = tmp_path / "cls"
     stale = _left_by_a_killed_process(out, "tmp")
-    running = staging.make_dir(out, "tmp")  # this process is alive: e.g. a parallel batch worker
-    elsewhere = tmp_path / f".cls.tmp-otherhost-0-{os.getpid() + 1}-abc"  # another host's, on a shared disk
+    running = staging.Staged(out, "tmp")  # this process works in it: e.g. a parallel batch worker
+    elsewhere = tmp_path / f".cls.tmp-otherhost-{os.getpid() + 1}-abc"  # another host's, on a shared disk
     elsewhere.mkdir()
-    # same host name, another pid namespace (a container sharing the volume): its pids mean nothing here
-    host = stale.name.split("-")[1]
-    other_space = tmp_path / f".cls.tmp-{host}-00000000-{stale.name.split('-')[3]}-abc"
-    other_space.mkdir()
     assert stale.name.startswith(".cls.tmp-") and stale.is_dir()
 
     pipeline.convert(fixture_data.infer_tar(CLS), out=out, check=False)
-    assert not stale.exists() and running.is_dir() and elsewhere.is_dir() and other_space.is_dir()
+    assert not stale.exists() and running.path.is_dir() and elsewhere.is_dir()
     assert (out / "model.safetensors").is_file()
+    running.release()
+
+
+def test_a_live_process_s_directory_is_kept_whatever_its_pid_says(tmp_path):
+    """A process in another pid namespace (a container sharing the volume and the host name) has pids that do not
+    exist here; its lock says it is alive. Once it ends, its directory goes."""
+    out = tmp_path / "cls"
+    code = ("import sys; from pathlib import Path; from converter import staging; "
+            "s = staging.Staged(Path(sys.argv[1]), 'tmp'); print(s.path, flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, cwd=REPO)
+    try:
+        made = Path(holder.stdout.readline().strip())
+        host = made.name.split("-")[1]
+        foreign = made.rename(made.with_name(f".cls.tmp-{host}-4194999-abc"))  # a pid no process has here
+        pipeline.convert(fixture_data.infer_tar(CLS), out=out, check=False)
+        assert foreign.is_dir()
+    finally:
+        holder.communicate("")
+    pipeline.convert(fixture_data.infer_tar(CLS), out=out, check=False, force=True)
+    assert not foreign.exists()
 
 
 def test_the_only_copy_of_a_previous_output_is_kept_until_an_output_exists_again(tmp_path):

@@ -115,8 +115,8 @@ class LKPAN(nn.Module):
 
         out2, out3, out4, in5 = fuse_top_down([in2, in3, in4, in5], fast)
 
-        # NCHW from here: oneDNN runs the large 9x9 convolutions ~1.4x faster than in channels-last
-        in5, out4, out3, out2 = (contiguous_nchw(f) for f in (in5, out4, out3, out2))
+        if fast:  # NCHW from here: oneDNN runs the large 9x9 convolutions ~1.4x faster than in channels-last
+            in5, out4, out3, out2 = (contiguous_nchw(f) for f in (in5, out4, out3, out2))
         f5 = self.inp_conv[3](in5)
         f4 = self.inp_conv[2](out4)
         f3 = self.inp_conv[1](out3)
