@@ -589,9 +589,9 @@ def convert(target: str | os.PathLike, *, out: str | os.PathLike | None = None, 
         raise OutputError(f"cannot create the output directory {out}: {exc}") from exc
     tmp = staged.path
     try:
-        _set_default_mode(tmp, 0o777)
         say(f"writing {out}")
         try:
+            _set_default_mode(tmp, 0o777)
             _write_directory(tmp, conversion.state_dict, metadata, provenance, config, characters, dtype)
         except OSError as exc:
             raise OutputError(f"cannot write the converted model to {out}: {exc}") from exc

@@ -4,8 +4,9 @@ An output directory (a conversion, an unpacked archive) is written under a hidde
 ``.<name>.<role>-<host>-<pid>-<random>`` and renamed into place, so it is never half-written. The process working in
 a sibling holds an exclusive ``flock`` on it, which the kernel drops when the process ends however it ends (killed,
 power loss, a container stopped), in whatever pid namespace it ran. The next run for the same output removes this
-host's siblings whose lock it can take. Siblings another host named are left alone: a shared file system may not
-share locks. Without ``fcntl`` (Windows) nothing is removed.
+host's siblings whose lock it can take. Siblings another host named are left alone (a shared file system may not
+share locks), and where locks cannot be taken (no ``fcntl``, a file system without ``flock`` on directories, as
+NFS may be) nothing is removed.
 """
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ def _locked(path: Path) -> int | None:
     cannot be taken here)."""
     if fcntl is None:
         return None
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # gone meanwhile, not a directory, not ours to read
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -49,9 +53,18 @@ class Staged:
     until :meth:`release` (or the end of a ``with`` block). The caller moves it into place or removes it."""
 
     def __init__(self, target: Path, role: str):
-        self.path = Path(tempfile.mkdtemp(prefix=f".{target.name}.{role}-{_host()}-{os.getpid()}-",
-                                          dir=target.parent))
-        self._fd = _locked(self.path)
+        # made under a name remove_stale never matches, locked, then renamed (the lock stays with the directory):
+        # another run's remove_stale never sees it unlocked
+        prefix = f".{target.name}.{role}~new-"
+        fresh = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+        self._fd = _locked(fresh)
+        self.path = fresh.with_name(f".{target.name}.{role}-{_host()}-{os.getpid()}-{fresh.name[len(prefix):]}")
+        try:
+            os.rename(fresh, self.path)
+        except OSError:
+            self.release()
+            fresh.rmdir()
+            raise
 
     def release(self) -> None:
         """Drop the lock (the directory itself is left as it is)."""
@@ -79,12 +92,15 @@ def remove_stale(target: Path, roles: Iterable[str]) -> list[Path]:
         if not pattern.match(entry.name) or entry.is_symlink() or not entry.is_dir():
             continue
         fd = _locked(entry)
-        if fd is None:  # a live process works in it
+        if fd is None:  # a live process works in it (or it cannot be locked or read: left alone)
             continue
         try:
             shutil.rmtree(entry, ignore_errors=True)
         finally:
             os.close(fd)
+        if os.path.lexists(entry):
+            log.debug("could not remove %s, left by a process that was stopped while writing %s", entry, target)
+            continue
         log.info("removed %s, left by a process that was stopped while writing %s", entry, target)
         removed.append(entry)
     return removed

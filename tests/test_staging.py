@@ -89,3 +89,40 @@ def test_symlinks_and_files_named_like_siblings_are_left_alone(tmp_path):
     link.symlink_to(victim, target_is_directory=True)
     assert staging.remove_stale(target, ("tmp",)) == []
     assert (victim / "keep").is_file() and link.is_symlink()
+
+
+def test_a_directory_being_made_is_never_seen_unlocked(tmp_path, monkeypatch):
+    """It was made under its final name and locked a moment later: another run's remove_stale in between took it
+    for a killed run's and removed it under the process about to write in it."""
+    target = tmp_path / "out"
+    make = staging.tempfile.mkdtemp
+
+    def made_then_raced(*args, **kwargs):
+        path = make(*args, **kwargs)
+        staging.remove_stale(target, ("tmp",))  # another run for the same output, at the worst moment
+        return path
+
+    monkeypatch.setattr(staging.tempfile, "mkdtemp", made_then_raced)
+    with staging.Staged(target, "tmp") as staged:
+        assert staged.path.is_dir() and staged.path.name.startswith(".out.tmp-")
+        monkeypatch.undo()
+        assert staging.remove_stale(target, ("tmp",)) == [] and staged.path.is_dir()
+
+
+def test_unreadable_vanished_or_undeletable_siblings_are_skipped(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    dead = _left_by_a_killed_process(target, "tmp")
+    real_open = staging.os.open
+
+    def refused(path, *args, **kwargs):
+        if Path(path) == dead:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(staging.os, "open", refused)  # e.g. a root-owned 0700 sibling of a killed sudo run
+    assert staging.remove_stale(target, ("tmp",)) == [] and dead.is_dir()
+    monkeypatch.undo()
+    monkeypatch.setattr(staging.shutil, "rmtree", lambda *a, **k: None)  # removal fails silently
+    assert staging.remove_stale(target, ("tmp",)) == [] and dead.is_dir()
+    monkeypatch.undo()
+    assert staging.remove_stale(target, ("tmp",)) == [dead] and not dead.exists()
