@@ -776,9 +776,9 @@ def _reference_program(source: _Source, weights, reference, mirror, cache_dir, o
     """(inference program prefix, inference weights) for the parity check, or (None, reason)."""
     from converter import download, paddle_io
 
-    if reference is not None:
-        ref_weights = paddle_io.load(reference)
-        return program_prefix(reference, scratch), ref_weights
+    if reference is not None:  # a .tar is extracted once and the weights read from the extracted program
+        prefix = program_prefix(reference, scratch)
+        return prefix, paddle_io.load(prefix, kind="inference")
     if weights.kind == "inference":
         return program_prefix(weights.source, scratch), None
     entry = source.entry
@@ -820,10 +820,9 @@ def _check_with(result: ConvertResult, tmp: Path, scratch: Path, source: _Source
     release_submodels = None
     if ref_weights is not None:
         # Compared in the deploy form: an inference model holds fused convolutions only.
-        ref_conversion = rules.convert(ref_weights, fam, form="deploy", kind=ref_weights.kind)
         deploy = (conversion if form == "deploy" else
                   rules.convert(weights, fam, form="deploy", kind=weights.kind, submodel=conversion.submodel))
-        result.weights_vs_inference = parity.compare_state_dicts(deploy.state_dict, ref_conversion.state_dict)
+        result.weights_vs_inference = _weights_vs_release(deploy.state_dict, ref_weights, fam)
         release_submodels = substitute.release_submodels(weights, ref_weights, fam, rtol=parity.WEIGHTS_RTOL)
         if release_submodels is not None:
             result.notes.append(_release_submodel_note(release_submodels, conversion.submodel.rstrip(".")))
@@ -855,6 +854,15 @@ def _check_with(result: ConvertResult, tmp: Path, scratch: Path, source: _Source
     result.parity = data
     if parity_failure(data):
         result.status = "parity-failed"
+
+
+def _weights_vs_release(state_dict: Mapping[str, torch.Tensor], program_weights, family: str) -> dict:
+    """:func:`parity.compare_state_dicts` of a deploy-form state dict and the conversion of the released program's
+    weights (information on whether a trained checkpoint is the release's epoch)."""
+    from converter import rules
+
+    released = rules.convert(program_weights, family, form="deploy", kind=program_weights.kind)
+    return parity.compare_state_dicts(state_dict, released.state_dict)
 
 
 def _release_submodel_note(holds: dict[str, bool], converted: str) -> str:
@@ -914,12 +922,13 @@ def check(target: str | os.PathLike, *, reference: str | os.PathLike | None = No
             log.warning("%s holds float16 weights: the outputs also move by the float16 rounding of the weights "
                         "(see float16_weights in the parity.json written by convert)", path)
         trained = info.get("artifact") == "trained"
-        checkpoint = _recorded_checkpoint(info) if trained else None
+        checkpoint = _recorded_checkpoint(info)
         with tempfile.TemporaryDirectory(prefix="ocrconv-check-") as scratch:
-            program_weights = paddle_io.load(reference, kind="inference") if trained else None
-            report = compare_with_program(model, config, program_prefix(reference, Path(scratch)), program_weights,
-                                          checkpoint, info.get("family", ""), _prefix_of(info.get("submodel")),
-                                          Path(scratch), characters=characters, atol=atol)
+            prefix = program_prefix(reference, Path(scratch))
+            program_weights = paddle_io.load(prefix, kind="inference") if trained else None
+            report = compare_with_program(model, config, prefix, program_weights, checkpoint,
+                                          info.get("family", ""), _prefix_of(info.get("submodel")), Path(scratch),
+                                          characters=characters, atol=atol)
         if trained and not report.data["reference_weights"]["substituted"]:
             if checkpoint is None:
                 report.data["reference_weights"].update(
@@ -930,8 +939,8 @@ def check(target: str | os.PathLike, *, reference: str | os.PathLike | None = No
             if info.get("form") == "train":
                 deploy = copy.deepcopy(model)
                 deploy.reparameterize()
-            released = rules.convert(program_weights, info.get("family", ""), kind="inference")
-            report.data["weights_vs_inference"] = parity.compare_state_dicts(deploy.state_dict(), released.state_dict)
+            report.data["weights_vs_inference"] = _weights_vs_release(deploy.state_dict(), program_weights,
+                                                                      info.get("family", ""))
             _mark_unverified(report.data)
         if write:
             report.write(path / PARITY_FILE)
@@ -953,7 +962,7 @@ def check(target: str | os.PathLike, *, reference: str | os.PathLike | None = No
         characters = resolved.characters
     with tempfile.TemporaryDirectory(prefix="ocrconv-check-") as scratch:
         prefix = program_prefix(reference if reference is not None else weights.source, Path(scratch))
-        program_weights = paddle_io.load(reference, kind="inference") if weights.kind == "trained" else None
+        program_weights = paddle_io.load(prefix, kind="inference") if weights.kind == "trained" else None
         return compare_with_program(conversion.model, config, prefix, program_weights, weights, fam,
                                     conversion.submodel, Path(scratch), characters=characters,
                                     atol=ATOL_DEPLOY if atol is None else atol)

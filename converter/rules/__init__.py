@@ -237,6 +237,7 @@ _GENERIC_RENAMES = (
 def _select_prefix(keys: list[str], rules: FamilyRules, submodel: str | None) -> str:
     known = rules.known_prefixes()
     present = sorted({p for p in known if any(k.startswith(p) for k in keys)})
+    present_names = [p.rstrip(".") for p in present] or "none"
     if submodel is not None:
         wanted = submodel if submodel.endswith(".") or submodel == "" else submodel + "."
         selectable = [p for p in rules.selectable() if p]
@@ -248,7 +249,6 @@ def _select_prefix(keys: list[str], rules: FamilyRules, submodel: str | None) ->
                    else "not a sub-model of this family")
             raise FamilyError(f"{rules.family}: sub-model {submodel!r} cannot be converted ({why}); "
                               f"selectable: {names or 'none'}")
-        present_names = [p.rstrip('.') for p in present] or "none"
         if wanted and wanted not in present:
             raise FamilyError(f"{rules.family}: the weights have no sub-model {submodel!r} "
                               f"(sub-model prefixes present: {present_names})")
@@ -264,15 +264,19 @@ def _select_prefix(keys: list[str], rules: FamilyRules, submodel: str | None) ->
             return prefix
     raise FamilyError(
         f"{rules.family}: found none of the expected sub-models {[p or '<no prefix>' for p in rules.prefixes]}; "
-        f"sub-model prefixes present: {[p.rstrip('.') for p in present] or 'none'}")
+        f"sub-model prefixes present: {present_names}")
 
 
 def select_submodel(weights: Mapping[str, np.ndarray], family: str, submodel: str | None = None) -> str:
     """The key prefix of the sub-model :func:`convert` takes from ``weights`` ("" for plain keys); FamilyError
     when ``submodel`` is not a sub-model of the family present in the weights."""
+    return _select_prefix(list(weights), _family_rules(family), submodel)
+
+
+def _family_rules(family: str) -> FamilyRules:
     if family not in RULES:
         raise FamilyError(f"no conversion rules for family {family!r}; known families: {', '.join(sorted(RULES))}")
-    return _select_prefix(list(weights), RULES[family], submodel)
+    return RULES[family]
 
 
 def _set_path(config: dict, path: tuple[str, ...], value) -> None:
@@ -378,9 +382,7 @@ def _mismatch_message(family: str, ctx: ConversionContext, missing: list[str], u
 
 def _prepare(weights, family, submodel, form, kind) -> tuple[ConversionContext, State]:
     """Steps 1-5 for ``family``: the context (config, records) and the state dict under PyTorch names."""
-    if family not in RULES:
-        raise FamilyError(f"no conversion rules for family {family!r}; known families: {', '.join(sorted(RULES))}")
-    rules = RULES[family]
+    rules = _family_rules(family)
     config = architectures.family_config(family, form=form)
     ctx = ConversionContext(family=family, kind=kind if kind is not None else getattr(weights, "kind", None),
                             form=form, config=config)
