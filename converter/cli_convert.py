@@ -11,7 +11,7 @@ from converter.cli_options import finite_tolerance, mirror_url
 from converter.errors import OcrconvError, OutputError
 
 # converter.convert and converter.parity load torch (~1 s): they are imported by the commands that run, so that
-# `ocrconv --help`, `list`, `fetch` and `info` start at once.
+# `ocrconv --help`, `list`, `download` and `info` start at once.
 
 # Exit status of a batch stopped by Ctrl-C (128 + SIGINT, as a shell reports it).
 EXIT_INTERRUPTED = 130

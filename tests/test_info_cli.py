@@ -119,7 +119,7 @@ def test_info_and_download_refuse_a_mirror_that_is_not_an_http_url(tmp_path):
 
 
 def test_the_command_line_starts_without_torch_or_requests():
-    """`ocrconv --help`, `list`, `fetch` and `info` took 1.4 s loading torch (and requests) they never use."""
+    """`ocrconv --help`, `list`, `download` and `info` took 1.4 s loading torch (and requests) they never use."""
     import subprocess
     import sys
 
